@@ -4,87 +4,87 @@ import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
+    c = ml_collections.ConfigDict()
+    c.seed = 0
 
-  # Data (jax_rpn.data).
-  c.data = ml_collections.ConfigDict()
-  c.data.name = "rpn_shapes"  # tfds builder name: rpn_shapes, voc/2007, voc/2012, coco/2017
-  c.data.data_dir = None  # tfds data_dir; None = tfds default (~/tensorflow_datasets)
-  c.data.train_split = "train"
-  c.data.eval_split = "validation"
-  c.data.short_side = 256  # resize so the shorter side is this ...
-  c.data.max_size = 256  # ... unless the longer side would pass this
-  c.data.pad_to = (256, 256)  # static padded image size (H, W), divisible by the largest stride
-  c.data.max_boxes = 16  # padded ground-truth slots per image
-  c.data.hflip = True
-  c.data.ignore_difficult = True  # VOC "difficult" / COCO crowd: ignored in targets and recall
-  c.data.num_workers = 0  # grain worker processes (0 = in-process)
-  c.data.num_eval_images = 200  # None = the whole eval split
+    # Data (jax_rpn.data).
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "rpn_shapes"  # tfds builder name: rpn_shapes, voc/2007, voc/2012, coco/2017
+    c.data.data_dir = None  # tfds data_dir; None = tfds default (~/tensorflow_datasets)
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    c.data.short_side = 256  # resize so the shorter side is this ...
+    c.data.max_size = 256  # ... unless the longer side would pass this
+    c.data.pad_to = (256, 256)  # static padded image size (H, W), divisible by the largest stride
+    c.data.max_boxes = 16  # padded ground-truth slots per image
+    c.data.hflip = True
+    c.data.ignore_difficult = True  # VOC "difficult" / COCO crowd: ignored in targets and recall
+    c.data.num_workers = 0  # grain worker processes (0 = in-process)
+    c.data.num_eval_images = 200  # None = the whole eval split
 
-  # Model (jax_rpn.models).
-  c.model = ml_collections.ConfigDict()
-  c.model.backbone = "resnet18"  # resnet18/34/50/101, vgg16
-  c.model.width = 32  # channels of the first stage (64 in the standard ResNet)
-  c.model.norm = "frozen_bn"  # frozen_bn, batch_norm (cross-device statistics), group_norm
-  c.model.fpn = True
-  c.model.fpn_dim = 64
-  c.model.head_convs = 1
-  c.model.head_dim = 64  # None = the input feature's channels
-  c.model.objectness = "sigmoid"  # sigmoid (A logits per cell) or softmax (2A)
-  c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters and losses stay f32)
+    # Model (jax_rpn.models).
+    c.model = ml_collections.ConfigDict()
+    c.model.backbone = "resnet18"  # resnet18/34/50/101, vgg16
+    c.model.width = 32  # channels of the first stage (64 in the standard ResNet)
+    c.model.norm = "frozen_bn"  # frozen_bn, batch_norm (cross-device statistics), group_norm
+    c.model.fpn = True
+    c.model.fpn_dim = 64
+    c.model.head_convs = 1
+    c.model.head_dim = 64  # None = the input feature's channels
+    c.model.objectness = "sigmoid"  # sigmoid (A logits per cell) or softmax (2A)
+    c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters and losses stay f32)
 
-  # Anchors (jax_rpn.anchors): one entry of sizes per level.
-  c.anchors = ml_collections.ConfigDict()
-  c.anchors.strides = (4, 8, 16, 32, 64)
-  c.anchors.sizes = ((16,), (32,), (64,), (128,), (256,))
-  c.anchors.aspect_ratios = (0.5, 1.0, 2.0)
-  c.anchors.offset = 0.0
-  c.anchors.convention = "detectron2"
+    # Anchors (jax_rpn.anchors): one entry of sizes per level.
+    c.anchors = ml_collections.ConfigDict()
+    c.anchors.strides = (4, 8, 16, 32, 64)
+    c.anchors.sizes = ((16,), (32,), (64,), (128,), (256,))
+    c.anchors.aspect_ratios = (0.5, 1.0, 2.0)
+    c.anchors.offset = 0.0
+    c.anchors.convention = "detectron2"
 
-  # Targets (jax_rpn.matching, jax_rpn.sampling, jax_rpn.boxes).
-  c.targets = ml_collections.ConfigDict()
-  c.targets.high = 0.7
-  c.targets.low = 0.3
-  c.targets.allow_low_quality = True
-  c.targets.num_samples = 256
-  c.targets.positive_fraction = 0.5
-  c.targets.weights = (1.0, 1.0, 1.0, 1.0)
+    # Targets (jax_rpn.matching, jax_rpn.sampling, jax_rpn.boxes).
+    c.targets = ml_collections.ConfigDict()
+    c.targets.high = 0.7
+    c.targets.low = 0.3
+    c.targets.allow_low_quality = True
+    c.targets.num_samples = 256
+    c.targets.positive_fraction = 0.5
+    c.targets.weights = (1.0, 1.0, 1.0, 1.0)
 
-  # Losses (jax_rpn.losses).
-  c.loss = ml_collections.ConfigDict()
-  c.loss.box = "smooth_l1"  # smooth_l1, giou
-  c.loss.beta = 0.0  # smooth-L1 beta (0 = L1), detectron2's RPN default
-  c.loss.box_weight = 1.0
+    # Losses (jax_rpn.losses).
+    c.loss = ml_collections.ConfigDict()
+    c.loss.box = "smooth_l1"  # smooth_l1, giou
+    c.loss.beta = 0.0  # smooth-L1 beta (0 = L1), detectron2's RPN default
+    c.loss.box_weight = 1.0
 
-  # Proposals (jax_rpn.proposals).
-  c.proposals = ml_collections.ConfigDict()
-  c.proposals.pre_nms_topk_train = 2000
-  c.proposals.post_nms_topk_train = 1000
-  c.proposals.pre_nms_topk_test = 1000
-  c.proposals.post_nms_topk_test = 1000
-  c.proposals.nms_threshold = 0.7
-  c.proposals.min_size = 0.0
+    # Proposals (jax_rpn.proposals).
+    c.proposals = ml_collections.ConfigDict()
+    c.proposals.pre_nms_topk_train = 2000
+    c.proposals.post_nms_topk_train = 1000
+    c.proposals.pre_nms_topk_test = 1000
+    c.proposals.post_nms_topk_test = 1000
+    c.proposals.nms_threshold = 0.7
+    c.proposals.min_size = 0.0
 
-  # Optimisation (jax_rpn.training).
-  c.optim = ml_collections.ConfigDict()
-  c.optim.name = "sgd"  # sgd (momentum) or adamw
-  c.optim.learning_rate = 0.02
-  c.optim.momentum = 0.9
-  c.optim.weight_decay = 1e-4  # not applied to norms and biases
-  c.optim.warmup_steps = 100
-  c.optim.schedule = "cosine"  # cosine or step
-  c.optim.decay_steps = ()  # step boundaries for schedule="step"
-  c.optim.decay_factor = 0.1
-  c.optim.grad_clip_norm = 10.0  # None = no clipping
+    # Optimisation (jax_rpn.training).
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "sgd"  # sgd (momentum) or adamw
+    c.optim.learning_rate = 0.02
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 1e-4  # not applied to norms and biases
+    c.optim.warmup_steps = 100
+    c.optim.schedule = "cosine"  # cosine or step
+    c.optim.decay_steps = ()  # step boundaries for schedule="step"
+    c.optim.decay_factor = 0.1
+    c.optim.grad_clip_norm = 10.0  # None = no clipping
 
-  # Loop.
-  c.batch_size = 8  # global, divided over devices
-  c.num_train_steps = 1500
-  c.log_every = 50
-  c.eval_every = 500
-  c.checkpoint_every = 500
-  c.keep_checkpoints = 2
-  c.parallelism = "shard_map"  # shard_map or pmap
-  c.num_vis_images = 4
-  return c
+    # Loop.
+    c.batch_size = 8  # global, divided over devices
+    c.num_train_steps = 1500
+    c.log_every = 50
+    c.eval_every = 500
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 2
+    c.parallelism = "shard_map"  # shard_map or pmap
+    c.num_vis_images = 4
+    return c
