@@ -90,11 +90,11 @@ def check_boxes(boxes, *, name: str = "boxes") -> None:
     if b.ndim < 1 or b.shape[-1] != 4:
         raise ValueError(f"{name} must have shape [..., 4] (x1, y1, x2, y2), got {b.shape}")
     if not np.all(np.isfinite(b)):
-        bad = np.argwhere(~np.all(np.isfinite(b), axis=-1))[0]
-        raise ValueError(f"{name} has non-finite coordinates at index {tuple(bad)}")
+        bad = tuple(int(i) for i in np.argwhere(~np.all(np.isfinite(b), axis=-1))[0])
+        raise ValueError(f"{name} has non-finite coordinates at index {bad}")
     flipped = (b[..., 2] < b[..., 0]) | (b[..., 3] < b[..., 1])
     if np.any(flipped):
-        bad = tuple(np.argwhere(flipped)[0])
+        bad = tuple(int(i) for i in np.argwhere(flipped)[0])
         raise ValueError(
             f"{name} must satisfy x1 <= x2 and y1 <= y2 ([x1, y1, x2, y2] format); "
             f"box at index {bad} is {b[bad].tolist()}"
