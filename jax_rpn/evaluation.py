@@ -105,10 +105,10 @@ def recall_stats(
     gt_boxes, gt_valid = jnp.asarray(gt_boxes), jnp.asarray(gt_valid)
     k = boxes.shape[0]
     g = gt_boxes.shape[0]
-    if boxes.shape != (k, 4) or scores.shape != (k,) or valid.shape != (k,):
+    if k == 0 or boxes.shape != (k, 4) or scores.shape != (k,) or valid.shape != (k,):
         raise ValueError(
-            f"boxes, scores, valid must be [K, 4], [K], [K]; got {boxes.shape}, {scores.shape}, "
-            f"{valid.shape}"
+            f"boxes, scores, valid must be [K, 4], [K], [K] with K >= 1; got {boxes.shape}, "
+            f"{scores.shape}, {valid.shape}"
         )
     gt_ignore = jnp.zeros((g,), bool) if gt_ignore is None else jnp.asarray(gt_ignore)
     if gt_boxes.shape != (g, 4) or gt_valid.shape != (g,) or gt_ignore.shape != (g,):
@@ -146,7 +146,8 @@ def recall_stats(
             matched = matched | (hit[..., None] & (jnp.arange(g) == best[..., None]))
             return matched, hit
 
-        init = jnp.zeros((num_r, num_t, g), bool)
+        # Derived from the data, not a constant, so the carry's type matches inside shard_map.
+        init = jnp.zeros_like(jnp.broadcast_to(counted[:, None, :], (num_r, num_t, g)))
         _, hits = lax.scan(step, init, (overlaps, sorted_valid))  # hits: [K, R, T]
         matches = jnp.transpose(hits, (1, 2, 0)).astype(jnp.int32)  # [R, T, K]
     return RecallStats(
