@@ -10,7 +10,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Data (jax_rpn.data).
     c.data = ml_collections.ConfigDict()
     c.data.name = "rpn_shapes"  # tfds builder name: rpn_shapes, voc/2007, voc/2012, coco/2017
-    c.data.data_dir = None  # tfds data_dir; None = tfds default (~/tensorflow_datasets)
+    c.data.data_dir = ml_collections.config_dict.placeholder(str)  # None = tfds default
     c.data.train_split = "train"
     c.data.eval_split = "validation"
     c.data.short_side = 256  # resize so the shorter side is this ...

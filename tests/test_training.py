@@ -1,0 +1,259 @@
+"""The training loop: multi-device equivalence, one compile, checkpoints, resume, failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import tiny
+from jax_rpn import config_checks, parallel, training
+from jax_rpn.models import build_rpn
+from jax_rpn.optim import create_optimizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**overrides):
+    c = tiny.get_config()
+    c.optim.learning_rate = 0.05
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def _random_batch(rng, config, batch_size):
+    h, w = config.data.pad_to
+    g = config.data.max_boxes
+    xy = rng.uniform(0, 40, (batch_size, g, 2))
+    wh = rng.uniform(6, 24, (batch_size, g, 2))
+    return {
+        "image": rng.normal(size=(batch_size, h, w, 3)).astype(np.float32),
+        "boxes": np.concatenate([xy, xy + wh], -1).astype(np.float32),
+        "valid": rng.uniform(size=(batch_size, g)) < 0.6,
+        "ignore": np.zeros((batch_size, g), bool),
+        "image_hw": np.tile(np.array([[h, w]], np.int32), (batch_size, 1)),
+        "example_valid": np.ones((batch_size,), bool),
+    }
+
+
+def _run_steps(config, mesh, mode, batches, *, trace_limit=None):
+    model = build_rpn(config, axis_name=parallel.AXIS)
+    tx, schedule = create_optimizer(config.optim, config.num_train_steps)
+    state = training.create_train_state(
+        config, build_rpn(config), tx, jax.random.PRNGKey(config.seed)
+    )
+    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    step_fn = training.make_train_step(config, model, tx, schedule)
+    if trace_limit is not None:
+        step_fn = chex.assert_max_traces(step_fn, n=trace_limit)
+    p_step = parallel.parallelize(step_fn, mode=mode, mesh=mesh)
+    metrics = []
+    for batch in batches:
+        state, m = p_step(state, parallel.shard_batch(batch, mode=mode, mesh=mesh))
+        metrics.append(jax.device_get(m))
+    return jax.device_get(state), metrics
+
+
+@pytest.mark.parametrize(
+    "mode,norm", [("shard_map", "frozen_bn"), ("pmap", "frozen_bn"), ("shard_map", "batch_norm")]
+)
+def test_four_devices_match_one_device(mode, norm):
+    """3 steps on 4 devices (2 images each) == 3 steps on 1 device with the same 8 images."""
+    config = _config(**{"model.norm": norm})
+    rng = np.random.default_rng(0)
+    batches = [_random_batch(rng, config, 8) for _ in range(3)]
+    one, m1 = _run_steps(config, parallel.data_mesh(jax.devices()[:1]), mode, batches)
+    four, m4 = _run_steps(config, parallel.data_mesh(jax.devices()[:4]), mode, batches)
+    assert m1[0]["num_positive"] > 0
+    assert m1[-1]["loss"] != m1[0]["loss"]  # the parameters did move
+    for a, b in zip(m1, m4, strict=True):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
+    chex.assert_trees_all_close(one.params, four.params, rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(one.model_state, four.model_state, rtol=1e-4, atol=1e-6)
+
+
+def test_train_step_compiles_once():
+    config = _config()
+    rng = np.random.default_rng(1)
+    batches = [_random_batch(rng, config, 8) for _ in range(3)]
+    chex.clear_trace_counter()
+    _, metrics = _run_steps(config, parallel.data_mesh(), "shard_map", batches, trace_limit=1)
+    assert all(np.isfinite(m["loss"]) for m in metrics)
+
+
+def test_nonfinite_loss_keeps_parameters():
+    config = _config()
+    rng = np.random.default_rng(2)
+    bad = _random_batch(rng, config, 8)
+    bad["image"][3, 5, 5, 0] = np.nan
+    good, _ = _run_steps(config, parallel.data_mesh(), "shard_map", [])
+    after, (m,) = _run_steps(config, parallel.data_mesh(), "shard_map", [bad])
+    assert m["finite"] == 0
+    chex.assert_trees_all_equal(good.params, after.params)
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("targets.low", 0.9, "targets.low/high"),
+        ("parallelism", "dp", "parallelism"),
+        ("data.pad_to", (60, 64), "data.pad_to"),
+        ("batch_size", 6, "batch_size"),
+        ("anchors.aspect_ratios", (1.0, -2.0), "aspect_ratios"),
+        ("model.backbone", "resnet9", "model.backbone"),
+    ],
+)
+def test_invalid_config_names_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        config_checks.validate(_config(**{field: value}))
+
+
+# End to end: train.py in subprocesses on the embedded data ------------------------------
+
+
+def _train_cmd(workdir, data_dir, *extra):
+    return [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        "--config",
+        os.path.join(ROOT, "configs", "tiny.py"),
+        "--workdir",
+        str(workdir),
+        f"--config.data.data_dir={data_dir}",
+        "--config.data.name=rpn_shapes/small",
+        "--config.num_train_steps=12",
+        "--config.checkpoint_every=4",
+        "--config.log_every=2",
+        "--config.data.num_eval_images=8",
+        *extra,
+    ]
+
+
+def _env(cache_dir):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+    env["PYTHONPATH"] = ROOT
+    return env
+
+
+def _final_params(workdir):
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state",))
+    step = manager.latest_step()
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return step, restored["state"]["params"]
+
+
+def _last_eval(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    return [line for line in lines if line["split"] == "eval"][-1]
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    from jax_rpn.data import shapes
+
+    data_dir = tmp_path_factory.mktemp("tfds")
+    shapes.ensure_prepared("rpn_shapes/small", data_dir=str(data_dir))
+    return data_dir
+
+
+def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, shapes_dir):
+    cache = tmp_path / "cache"
+    env = _env(cache)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    done = subprocess.run(
+        _train_cmd(full, shapes_dir), env=env, capture_output=True, text=True, timeout=400
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "AR@100" in done.stdout  # the final recall table
+    for name in ("metrics.jsonl", "tensorboard", "eval"):
+        assert os.path.exists(full / name), name
+    assert any(f.startswith("proposals_") for f in os.listdir(full / "eval"))
+
+    proc = subprocess.Popen(
+        _train_cmd(killed, shapes_dir),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not os.path.exists(killed / "checkpoints" / "4") and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step, _ = _final_params(killed)
+    assert step is not None and step < 12, "the run was not interrupted"
+    resumed = subprocess.run(
+        _train_cmd(killed, shapes_dir), env=env, capture_output=True, text=True, timeout=400
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from checkpoint at step" in resumed.stdout
+
+    step_a, params_a = _final_params(full)
+    step_b, params_b = _final_params(killed)
+    assert step_a == step_b == 12
+    chex.assert_trees_all_close(params_a, params_b, rtol=1e-5, atol=1e-6)
+    eval_a, eval_b = _last_eval(full), _last_eval(killed)
+    assert eval_a["AR@100"] == pytest.approx(eval_b["AR@100"], abs=1e-6)
+
+    evaluated = subprocess.run(
+        _train_cmd(full, shapes_dir, "--mode=eval"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert f"{eval_a['AR@100']:8.4f}" in evaluated.stdout
+
+
+def test_nan_stops_training_and_keeps_last_checkpoint(tmp_path, shapes_dir, monkeypatch):
+    monkeypatch.setattr(training, "set_up_compilation_cache", lambda workdir: None)
+    config = _config(
+        **{
+            "data.data_dir": str(shapes_dir),
+            "data.name": "rpn_shapes/small",
+            "num_train_steps": 6,
+            "checkpoint_every": 2,
+            "log_every": 1,
+        }
+    )
+    trainer = training.Trainer(config, str(tmp_path))
+    clean = trainer.train_iter
+
+    class Poisoned:
+        """Batches from the real pipeline; the 4th has a NaN pixel."""
+
+        count = 0
+
+        def __next__(self):
+            batch = next(clean)
+            Poisoned.count += 1
+            if Poisoned.count == 4:
+                batch["image"][0, 0, 0, 0] = np.nan
+            return batch
+
+        def __getattr__(self, name):
+            return getattr(clean, name)
+
+    trainer.train_iter = Poisoned()
+    with pytest.raises(FloatingPointError, match="step 4"):
+        trainer.train()
+    assert trainer.checkpoints.latest_step() == 2
+    _, params = _final_params(str(tmp_path))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))

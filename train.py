@@ -1,0 +1,59 @@
+"""Train an RPN and print its proposal recall.
+
+  python train.py                                   # configs/default.py, ./workdirs/default
+  python train.py --config configs/voc_vgg16.py --workdir /tmp/voc
+  python train.py --config configs/default.py --config.num_train_steps=300
+  python train.py --mode eval --workdir workdirs/default   # evaluate the latest checkpoint
+
+Re-running with the same workdir resumes from its latest checkpoint. Multi-host: pass
+--coordinator_address/--num_processes/--process_id, or let jax.distributed read the cluster
+environment (TPU pods, SLURM) with --distributed.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (get_config()).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Checkpoints, logs, pictures. Default: workdirs/<config file name>."
+)
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval"], "Train (and resume) or only evaluate the latest checkpoint."
+)
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def main(argv):
+    del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # keep the progress bar readable; -v 0 for more
+    import jax
+
+    from jax_rpn import training
+
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+    logging.info(
+        "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
+    )
+    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+    config_name = os.path.splitext(os.path.basename(config_file))[0]
+    workdir = _WORKDIR.value or os.path.join("workdirs", config_name)
+    if _MODE.value == "eval":
+        training.evaluate_checkpoint(_CONFIG.value, workdir)
+    else:
+        training.train_and_evaluate(_CONFIG.value, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
