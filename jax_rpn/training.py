@@ -85,7 +85,7 @@ def make_train_step(config, model, tx, schedule):
         )
         grads = jax.lax.pmean(grads, parallel.AXIS)
         metrics = jax.lax.pmean(metrics, parallel.AXIS)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new = state.replace(
             params=optax.apply_updates(state.params, updates),
@@ -204,10 +204,15 @@ class Trainer:
         config = self.config
         acc = evaluation.RecallAccumulator()
         vis, nonfinite = None, 0
-        batches = pipeline.create_eval_iterator(config)
-        for batch in tqdm(
-            batches, desc="eval", unit="batch", leave=False, disable=jax.process_index() != 0
-        ):
+        batches = tqdm(
+            pipeline.create_eval_iterator(config),
+            total=pipeline.dataset_info(config).num_eval_batches,
+            desc="eval",
+            unit="batch",
+            leave=False,
+            disable=jax.process_index() != 0,
+        )
+        for batch in batches:
             props, (stats, bad) = self.p_eval_step(
                 self.state, parallel.shard_batch(batch, mode=self.mode, mesh=self.mesh)
             )

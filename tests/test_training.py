@@ -234,24 +234,16 @@ def test_nan_stops_training_and_keeps_last_checkpoint(tmp_path, shapes_dir, monk
         }
     )
     trainer = training.Trainer(config, str(tmp_path))
-    clean = trainer.train_iter
+    shard_batch, calls = parallel.shard_batch, []
 
-    class Poisoned:
-        """Batches from the real pipeline; the 4th has a NaN pixel."""
+    def poisoned(batch, **kwargs):
+        """Batches from the real pipeline; the 4th training batch has a NaN pixel."""
+        calls.append(1)
+        if len(calls) == 4:
+            batch["image"][0, 0, 0, 0] = np.nan
+        return shard_batch(batch, **kwargs)
 
-        count = 0
-
-        def __next__(self):
-            batch = next(clean)
-            Poisoned.count += 1
-            if Poisoned.count == 4:
-                batch["image"][0, 0, 0, 0] = np.nan
-            return batch
-
-        def __getattr__(self, name):
-            return getattr(clean, name)
-
-    trainer.train_iter = Poisoned()
+    monkeypatch.setattr(parallel, "shard_batch", poisoned)
     with pytest.raises(FloatingPointError, match="step 4"):
         trainer.train()
     assert trainer.checkpoints.latest_step() == 2
