@@ -20,6 +20,7 @@ def get_config():
     c.model.backbone = "vgg16"
     c.model.width = 64
     c.model.fpn = False
+    c.model.norm = "none"  # the paper's VGG-16 has no normalisation
     c.model.head_dim = 512
     c.anchors.strides = (16,)
     c.anchors.sizes = ((128, 256, 512),)

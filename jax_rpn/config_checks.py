@@ -4,9 +4,8 @@ import jax
 import ml_collections
 
 from jax_rpn import anchors, optim, parallel
-
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "vgg16")
-NORMS = ("frozen_bn", "batch_norm", "group_norm")
+from jax_rpn.models.norm import NORMS
+from jax_rpn.models.rpn import BACKBONES
 
 
 def _require(ok: bool, field: str, expected: str, value) -> None:

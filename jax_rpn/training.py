@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from jax_rpn import config_checks, evaluation, inference, parallel, viz
 from jax_rpn.data import pipeline
-from jax_rpn.models import build_rpn
+from jax_rpn.models import build_rpn, init_variables
 from jax_rpn.optim import create_optimizer
 from jax_rpn.rpn_loss import rpn_loss
 
@@ -42,7 +42,7 @@ def create_train_state(config, model, tx, key) -> TrainState:
     """Initialise parameters at the configured padded image size."""
     init_key, state_key = jax.random.split(key)
     h, w = config.data.pad_to
-    variables = model.init(init_key, jnp.zeros((1, h, w, 3), jnp.float32), train=False)
+    variables = init_variables(model, init_key, (1, h, w, 3))
     params = variables.pop("params")
     return TrainState(
         step=jnp.zeros((), jnp.int32),

@@ -1,0 +1,99 @@
+"""The RPN head: shared 3x3 convolution(s) + ReLU, then 1x1 objectness and box-delta convolutions.
+
+One set of weights is applied to every pyramid level (detectron2's ``StandardRPNHead``). All
+convolutions are initialised normal(stddev=0.01) with zero bias, as in the paper.
+
+Output channel layout, per cell, for A anchors per cell:
+- objectness ``sigmoid``: A channels, channel ``a`` -> ``[B, H, W, A]``;
+- objectness ``softmax``: 2A channels, channel ``a * 2 + k`` -> ``[B, H, W, A, 2]`` with
+  ``k = 0`` background and ``k = 1`` foreground (py-faster-rcnn instead used ``k * A + a``);
+- deltas: 4A channels, channel ``a * 4 + k`` -> ``[B, H, W, A, 4]`` with ``k`` indexing
+  ``(dx, dy, dw, dh)`` (detectron2's reshape of 4A into ``(A, 4)``).
+``[B, H, W, A, ...]`` reshaped to ``[B, H * W * A, ...]`` is the anchor order of
+``jax_rpn.anchors.grid_anchors``.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+OBJECTNESS = ("sigmoid", "softmax")
+NORMAL_001 = nn.initializers.normal(stddev=0.01)
+
+
+class RPNHead(nn.Module):
+    """RPN head shared by all levels.
+
+    Attributes:
+      num_anchors: A, anchors per cell.
+      num_convs: shared 3x3 convolutions (each followed by ReLU) before the 1x1 predictors.
+      conv_dim: channels of those convolutions; None = the input channels.
+      objectness: ``sigmoid`` (A logits per cell) or ``softmax`` (2A: background, foreground).
+      dtype: compute dtype; parameters and outputs are float32.
+    """
+
+    num_anchors: int
+    num_convs: int = 1
+    conv_dim: int | None = None
+    objectness: str = "sigmoid"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, features: Sequence[jax.Array]
+    ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+        """L feature maps ``[B, Hl, Wl, C]`` -> (objectness, deltas), tuples of L float32 arrays.
+
+        Objectness is ``[B, Hl, Wl, A]`` (sigmoid) or ``[B, Hl, Wl, A, 2]`` (softmax, last axis
+        (background, foreground)); deltas are ``[B, Hl, Wl, A, 4]``.
+        """
+        if self.num_anchors <= 0:
+            raise ValueError(f"num_anchors must be > 0, got {self.num_anchors}")
+        if self.num_convs < 0:
+            raise ValueError(f"num_convs must be >= 0, got {self.num_convs}")
+        if self.objectness not in OBJECTNESS:
+            raise ValueError(f"objectness must be one of {OBJECTNESS}, got {self.objectness!r}")
+        if not features:
+            raise ValueError("features must hold at least one level")
+        shapes = [tuple(f.shape) for f in features]
+        if any(len(s) != 4 for s in shapes) or len({s[-1] for s in shapes}) != 1:
+            raise ValueError(
+                f"features must be [B, H, W, C] with the same C on every level (one shared "
+                f"head), got shapes {shapes}"
+            )
+        if self.conv_dim is not None and self.conv_dim <= 0:
+            raise ValueError(f"conv_dim must be > 0 or None, got {self.conv_dim}")
+        dim = shapes[0][-1] if self.conv_dim is None else self.conv_dim
+        a = self.num_anchors
+        per_anchor = 1 if self.objectness == "sigmoid" else 2
+
+        def layer(features, kernel, name):
+            pad = kernel // 2
+            return nn.Conv(
+                features,
+                (kernel, kernel),
+                padding=((pad, pad), (pad, pad)),
+                kernel_init=NORMAL_001,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                name=name,
+            )
+
+        convs = [layer(dim, 3, f"conv{i}") for i in range(self.num_convs)]
+        cls_conv = layer(per_anchor * a, 1, "objectness")
+        box_conv = layer(4 * a, 1, "deltas")
+        objectness, deltas = [], []
+        for x in features:
+            x = x.astype(self.dtype)
+            for c in convs:
+                x = nn.relu(c(x))
+            b, h, w = x.shape[:3]
+            logits = cls_conv(x).astype(jnp.float32)  # [B, H, W, A * per_anchor]
+            if per_anchor == 2:
+                logits = logits.reshape(b, h, w, a, 2)  # channel a * 2 + k
+            objectness.append(logits)
+            deltas.append(box_conv(x).astype(jnp.float32).reshape(b, h, w, a, 4))
+        return tuple(objectness), tuple(deltas)

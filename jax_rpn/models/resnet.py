@@ -1,0 +1,171 @@
+"""ResNet-18/34/50/101 backbones returning the stage outputs C2..C5 (strides 4..32).
+
+Torchvision's "v1.5" layout: the stride of a bottleneck block is in its 3x3 convolution, the
+shortcut is a strided 1x1 convolution + norm where the shape changes, convolutions before a
+norm have no bias, and torchvision's padding (7x7 pad 3, 3x3 max-pool pad 1, 3x3 pad 1) so
+that pretrained weights give the same numbers. Kaiming-normal (fan-out) initialisation, as
+torchvision and detectron2 (``c2_msra_fill``). Images and features are NHWC.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jax_rpn.models.norm import check_norm, make_norm
+
+LEVELS = ("C2", "C3", "C4", "C5")
+STAGES = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+}
+KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv(
+    features: int,
+    kernel: int,
+    stride: int = 1,
+    *,
+    use_bias: bool,
+    dtype: Any,
+    name: str,
+    kernel_init=KAIMING_FAN_OUT,
+) -> nn.Conv:
+    """A ``kernel x kernel`` convolution with torchvision's symmetric ``kernel // 2`` padding."""
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=stride,
+        padding=((pad, pad), (pad, pad)),
+        use_bias=use_bias,
+        kernel_init=kernel_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+class _Block(nn.Module):
+    """Residual block: ``basic`` (3x3, 3x3; out = features) or ``bottleneck`` (1x1, 3x3 with
+    the stride, 1x1; out = 4 * features)."""
+
+    kind: str
+    features: int
+    stride: int
+    norm: str
+    axis_name: str | None
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        bias = self.norm == "none"
+        layer = functools.partial(conv, use_bias=bias, dtype=self.dtype)
+        norm = functools.partial(
+            make_norm, self.norm, train=train, axis_name=self.axis_name, dtype=self.dtype
+        )
+        if self.kind == "basic":
+            out = self.features
+            y = layer(out, 3, self.stride, name="conv1")(x)
+            y = nn.relu(norm(out, name="norm1")(y))
+            y = layer(out, 3, name="conv2")(y)
+            y = norm(out, name="norm2")(y)
+        else:
+            out = 4 * self.features
+            y = layer(self.features, 1, name="conv1")(x)
+            y = nn.relu(norm(self.features, name="norm1")(y))
+            y = layer(self.features, 3, self.stride, name="conv2")(y)
+            y = nn.relu(norm(self.features, name="norm2")(y))
+            y = layer(out, 1, name="conv3")(y)
+            y = norm(out, name="norm3")(y)
+        if self.stride != 1 or x.shape[-1] != out:
+            x = layer(out, 1, self.stride, name="downsample_conv")(x)
+            x = norm(out, name="downsample_norm")(x)
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    """ResNet backbone: images ``[B, H, W, C]`` -> ``{name: [B, H / s, W / s, channels]}``.
+
+    Attributes:
+      depth: 18, 34, 50 or 101.
+      width: channels of the stem and of the first stage (64 in the standard ResNet); stage k
+        has ``width * 2**k`` (basic) or ``4 * width * 2**k`` (bottleneck) output channels.
+      norm: ``frozen_bn``, ``batch_norm``, ``group_norm`` or ``none`` (see ``models.norm``).
+      out_features: which of C2..C5 to return, in order; stages after the last one are not
+        built (``("C4",)`` is detectron2's R50-C4 RPN backbone, stride 16).
+      axis_name: device axis for ``batch_norm`` statistics (e.g. ``'data'``), or None.
+      dtype: compute dtype; parameters are float32.
+    """
+
+    depth: int = 50
+    width: int = 64
+    norm: str = "frozen_bn"
+    out_features: tuple[str, ...] = LEVELS
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @property
+    def strides(self) -> dict[str, int]:
+        """Stride of each returned feature: C2 4, C3 8, C4 16, C5 32."""
+        self._check()
+        return {name: 2 ** int(name[1]) for name in self.out_features}
+
+    @property
+    def channels(self) -> dict[str, int]:
+        """Channels of each returned feature."""
+        self._check()
+        expansion = 1 if STAGES[self.depth][0] == "basic" else 4
+        return {
+            name: expansion * self.width * 2 ** (int(name[1]) - 2) for name in self.out_features
+        }
+
+    def _check(self):
+        if self.depth not in STAGES:
+            raise ValueError(f"depth must be one of {tuple(STAGES)}, got {self.depth}")
+        if self.width <= 0:
+            raise ValueError(f"width must be > 0, got {self.width}")
+        check_norm(self.norm)
+        out = tuple(self.out_features)
+        if not out or tuple(n for n in LEVELS if n in out) != out:
+            raise ValueError(f"out_features must be an ordered subset of {LEVELS}, got {out}")
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+        """``x`` ``[B, H, W, C]`` -> dict of ``out_features``, ``[B, H / s, W / s, channels]``."""
+        self._check()
+        kind, blocks = STAGES[self.depth]
+        bias = self.norm == "none"
+        x = conv(self.width, 7, 2, use_bias=bias, dtype=self.dtype, name="conv1")(
+            x.astype(self.dtype)
+        )
+        x = make_norm(
+            self.norm,
+            self.width,
+            train=train,
+            axis_name=self.axis_name,
+            dtype=self.dtype,
+            name="norm1",
+        )(x)
+        x = nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        outputs = {}
+        last = LEVELS.index(self.out_features[-1])
+        for stage in range(last + 1):
+            for b in range(blocks[stage]):
+                x = _Block(
+                    kind=kind,
+                    features=self.width * 2**stage,
+                    stride=2 if stage > 0 and b == 0 else 1,
+                    norm=self.norm,
+                    axis_name=self.axis_name,
+                    dtype=self.dtype,
+                    name=f"layer{stage + 1}_{b}",
+                )(x, train=train)
+            if LEVELS[stage] in self.out_features:
+                outputs[LEVELS[stage]] = x
+        return outputs

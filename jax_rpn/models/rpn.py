@@ -1,0 +1,337 @@
+"""The RPN module: backbone (+ FPN) -> shared head -> per-level objectness, deltas and anchors.
+
+Feature levels by configuration:
+
+| ``backbone``      | ``fpn`` | levels (strides)                                 |
+|-------------------|---------|--------------------------------------------------|
+| ``resnet18..101`` | True    | P2..P6 (4, 8, 16, 32, 64), detectron2's R*-FPN   |
+| ``resnet18..101`` | False   | C4 (16), detectron2's R50-C4 RPN (no res5 built) |
+| ``vgg16``         | False   | conv5_3 (16), the Faster R-CNN paper             |
+
+``anchors.strides`` must equal the feature strides, ``anchors.sizes`` / ``aspect_ratios`` give
+one entry per level (or one shared by all), and every level has the same A anchors per cell.
+A mismatch raises ValueError at ``init`` naming both numbers.
+
+Outputs (:class:`RPNOutput`): per level ``objectness`` ``[B, Hl, Wl, A]`` (sigmoid) or
+``[B, Hl, Wl, A, 2]`` (softmax, (background, foreground)), ``deltas`` ``[B, Hl, Wl, A, 4]``
+(float32 whatever the compute dtype), and ``anchors`` ``[Hl * Wl * A, 4]`` (numpy constants
+of the input shape, xyxy absolute pixels). :func:`flatten_outputs` concatenates the levels in
+anchor order (``[B, Hl, Wl, A] -> [B, Hl * Wl * A]``, level after level).
+"""
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jax_rpn import anchors as anchors_lib
+from jax_rpn.models.fpn import FPN
+from jax_rpn.models.head import RPNHead
+from jax_rpn.models.resnet import STAGES, ResNet
+from jax_rpn.models.vgg import VGG16
+
+BACKBONES = tuple(f"resnet{d}" for d in STAGES) + ("vgg16",)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@struct.dataclass
+class RPNOutput:
+    """Per-level RPN outputs for a batch (a pytree; L levels, B images).
+
+    Attributes:
+      objectness: L float32 arrays ``[B, Hl, Wl, A]`` (sigmoid logits) or ``[B, Hl, Wl, A, 2]``
+        (softmax logits, last axis (background, foreground)).
+      deltas: L float32 arrays ``[B, Hl, Wl, A, 4]``, ``(dx, dy, dw, dh)`` per anchor.
+      anchors: L arrays ``[Hl * Wl * A, 4]``, xyxy absolute pixels, in the order of the
+        outputs reshaped ``[Hl, Wl, A] -> [Hl * Wl * A]`` (numpy constants from the module).
+      features: the L feature maps ``[B, Hl, Wl, C]`` the head saw (FPN P2..P6, C4 or conv5_3),
+        in the compute dtype, for a second stage to reuse (e.g. with RoIAlign).
+      strides: L ints (static), the stride of each level.
+    """
+
+    objectness: tuple[jax.Array, ...]
+    deltas: tuple[jax.Array, ...]
+    anchors: tuple[jax.Array, ...]
+    features: tuple[jax.Array, ...]
+    strides: tuple[int, ...] = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class FlatOutputs:
+    """RPN outputs with the levels concatenated in anchor order (N = sum of Nl = Hl * Wl * A).
+
+    Attributes:
+      objectness: ``[B, N]`` (sigmoid) or ``[B, N, 2]`` (softmax) float32 logits.
+      deltas: ``[B, N, 4]`` float32.
+      anchors: ``[N, 4]`` xyxy absolute pixels (numpy when the inputs were numpy).
+      level_ids: ``[N]`` int32, the level of each anchor (for level-aware NMS); a numpy
+        constant until it passes out of a ``jit``.
+      objectness_per_level: L arrays ``[B, Nl]`` or ``[B, Nl, 2]`` (for per-level top-k).
+      deltas_per_level: L arrays ``[B, Nl, 4]``.
+      anchors_per_level: L arrays ``[Nl, 4]``.
+      level_sizes: L ints (static), Nl; ``level_ids`` and the concatenations follow them.
+    """
+
+    objectness: jax.Array
+    deltas: jax.Array
+    anchors: jax.Array
+    level_ids: np.ndarray
+    objectness_per_level: tuple[jax.Array, ...]
+    deltas_per_level: tuple[jax.Array, ...]
+    anchors_per_level: tuple[jax.Array, ...]
+    level_sizes: tuple[int, ...] = struct.field(pytree_node=False)
+
+
+def flatten_outputs(outputs: RPNOutput) -> FlatOutputs:
+    """Concatenate the levels of ``outputs`` in anchor order; see :class:`FlatOutputs`."""
+    b = outputs.deltas[0].shape[0]
+    objectness = tuple(o.reshape(b, -1, *o.shape[4:]) for o in outputs.objectness)  # [B, Nl]
+    deltas = tuple(d.reshape(b, -1, 4) for d in outputs.deltas)  # [B, Nl, 4]
+    level_anchors = tuple(outputs.anchors)
+    level_sizes = tuple(int(a.shape[0]) for a in level_anchors)
+    predicted = tuple(int(o.shape[1]) for o in objectness)
+    if predicted != level_sizes:
+        raise ValueError(f"anchors per level {level_sizes} != predictions per level {predicted}")
+    xp = np if all(isinstance(a, np.ndarray) for a in level_anchors) else jnp
+    return FlatOutputs(
+        objectness=jnp.concatenate(objectness, axis=1),
+        deltas=jnp.concatenate(deltas, axis=1),  # [B, N, 4]
+        anchors=xp.concatenate(level_anchors, axis=0),  # [N, 4]
+        level_ids=np.repeat(np.arange(len(level_sizes), dtype=np.int32), level_sizes),  # [N]
+        objectness_per_level=objectness,
+        deltas_per_level=deltas,
+        anchors_per_level=level_anchors,
+        level_sizes=level_sizes,
+    )
+
+
+def init_variables(model: nn.Module, key: jax.Array, image_shape: Sequence[int]) -> dict:
+    """``model.init(key, zeros(image_shape), train=False)``, compiled without XLA optimisation.
+
+    Initialisers draw one threefry stream per parameter, which XLA's CPU backend compiles very
+    slowly at the default optimisation level (minutes for a ResNet on 2 cores); the values are
+    the same. ``image_shape`` is ``[B, H, W, 3]``; returns the variables dict.
+    """
+    init = jax.jit(
+        functools.partial(model.init, train=False),
+        compiler_options={"xla_backend_optimization_level": 0},
+    )
+    return init(key, jnp.zeros(tuple(image_shape), jnp.float32))
+
+
+def _nested_len(values) -> int | None:
+    """Number of per-level entries of ``sizes``/``aspect_ratios``, or None if one is shared."""
+    values = list(values)
+    if values and isinstance(values[0], (list, tuple)) and len(values) > 1:
+        return len(values)
+    return None
+
+
+class RPN(nn.Module):
+    """Region Proposal Network: images ``[B, H, W, 3]`` -> :class:`RPNOutput`.
+
+    Defaults are detectron2's R50-FPN RPN. Attributes mirror ``config.model`` and
+    ``config.anchors`` (see :func:`build_rpn`):
+
+    Attributes:
+      backbone: ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101`` or ``vgg16``.
+      width: first-stage channels of the backbone (64 standard).
+      norm: ``frozen_bn``, ``batch_norm``, ``group_norm`` or ``none`` (``jax_rpn.models.norm``).
+      fpn: FPN levels P2..P6 (ResNet only); else C4 (ResNet) or conv5_3 (VGG-16).
+      fpn_dim: FPN channels.
+      head_convs, head_dim: shared 3x3 convolutions of the head and their channels (None =
+        the feature channels).
+      objectness: ``sigmoid`` or ``softmax``.
+      strides, sizes, aspect_ratios, offset, convention: the anchors, as
+        ``jax_rpn.anchors.multilevel_anchors`` takes them.
+      num_anchors: optional explicit A; must equal the anchors' A.
+      pixel_mean, pixel_std: optional per-channel normalisation ``(x - mean) / std`` applied
+        to the images first; None = images used as given.
+      axis_name: device axis for ``batch_norm`` statistics (e.g. ``'data'`` inside
+        ``shard_map``/``pmap``), None on one device. With an axis name, call ``init`` with
+        ``train=False`` outside the mapped function.
+      dtype: compute dtype (float32 or bfloat16); parameters and outputs are float32.
+    """
+
+    backbone: str = "resnet50"
+    width: int = 64
+    norm: str = "frozen_bn"
+    fpn: bool = True
+    fpn_dim: int = 256
+    head_convs: int = 1
+    head_dim: int | None = None
+    objectness: str = "sigmoid"
+    strides: tuple[int, ...] = (4, 8, 16, 32, 64)
+    sizes: tuple = ((32,), (64,), (128,), (256,), (512,))
+    aspect_ratios: tuple = (0.5, 1.0, 2.0)
+    offset: float = 0.0
+    convention: str = "detectron2"
+    num_anchors: int | None = None
+    pixel_mean: tuple[float, ...] | None = None
+    pixel_std: tuple[float, ...] | None = None
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.backbone == "vgg16":
+            if self.fpn:
+                raise ValueError("fpn=True needs a ResNet backbone (C2..C5); vgg16 gives conv5_3")
+            self.body = VGG16(
+                width=self.width, norm=self.norm, axis_name=self.axis_name, dtype=self.dtype
+            )
+        else:
+            self.body = ResNet(
+                depth=int(self.backbone[len("resnet") :]),
+                width=self.width,
+                norm=self.norm,
+                out_features=("C2", "C3", "C4", "C5") if self.fpn else ("C4",),
+                axis_name=self.axis_name,
+                dtype=self.dtype,
+            )
+        self.neck = FPN(dim=self.fpn_dim, dtype=self.dtype) if self.fpn else None
+        features = self.neck if self.fpn else self.body
+        self.levels = tuple(features.strides)
+        self.feature_strides = tuple(features.strides.values())
+        self._check_levels()
+        cells = anchors_lib.level_cell_anchors(
+            self.strides, self.sizes, self.aspect_ratios, convention=self.convention
+        )
+        a = cells[0].shape[0]
+        if self.num_anchors is not None and self.num_anchors != a:
+            raise ValueError(
+                f"num_anchors={self.num_anchors} (head outputs per cell) but anchors.sizes="
+                f"{tuple(self.sizes)} x aspect_ratios={tuple(self.aspect_ratios)} give {a} "
+                f"anchors per cell"
+            )
+        self.head = RPNHead(
+            num_anchors=a,
+            num_convs=self.head_convs,
+            conv_dim=self.head_dim,
+            objectness=self.objectness,
+            dtype=self.dtype,
+        )
+
+    def _check_levels(self):
+        """Feature levels vs the anchor configuration (strides, sizes, aspect_ratios)."""
+        where = f"backbone {self.backbone}" + (" with FPN" if self.fpn else "")
+        num = len(self.feature_strides)
+        if len(self.strides) != num:
+            raise ValueError(
+                f"{where} gives {num} feature levels {self.levels} with strides "
+                f"{self.feature_strides}, but anchors.strides has {len(self.strides)} entries "
+                f"{tuple(self.strides)}"
+            )
+        if tuple(float(s) for s in self.strides) != tuple(float(s) for s in self.feature_strides):
+            raise ValueError(
+                f"{where} gives feature strides {self.feature_strides}, but anchors.strides is "
+                f"{tuple(self.strides)}"
+            )
+        for name in ("sizes", "aspect_ratios"):
+            n = _nested_len(getattr(self, name))
+            if n is not None and n != num:
+                raise ValueError(
+                    f"anchors.{name} has {n} levels but {where} gives {num} feature levels "
+                    f"{self.levels}; give one entry per level or one shared by all"
+                )
+
+    def _check_images(self, images: jax.Array) -> tuple[int, int]:
+        shape = tuple(images.shape)
+        if len(shape) != 4 or shape[-1] != 3:
+            raise ValueError(f"images must have shape [B, H, W, 3], got {shape}")
+        h, w = shape[1:3]
+        largest = max(self.feature_strides)
+        if h % largest or w % largest:
+            raise ValueError(
+                f"image size (H, W) = {(h, w)} must be divisible by the largest feature stride "
+                f"{largest}; pad the images (e.g. to "
+                f"{(-(-h // largest) * largest, -(-w // largest) * largest)})"
+            )
+        return h, w
+
+    def __call__(self, images: jax.Array, *, train: bool) -> RPNOutput:
+        """``images`` ``[B, H, W, 3]`` (H, W divisible by the largest stride) -> RPNOutput.
+
+        ``train`` selects batch statistics for ``batch_norm`` (then apply with
+        ``mutable=["batch_stats"]``); other norms ignore it.
+        """
+        h, w = self._check_images(images)
+        x = images.astype(jnp.float32)
+        if self.pixel_mean is not None:
+            x = x - jnp.asarray(self.pixel_mean, jnp.float32)
+        if self.pixel_std is not None:
+            x = x / jnp.asarray(self.pixel_std, jnp.float32)
+        features = self.body(x.astype(self.dtype), train=train)
+        if self.neck is not None:
+            features = self.neck(features)
+        maps = [features[name] for name in self.levels]
+        hws = [tuple(f.shape[1:3]) for f in maps]
+        expected = [(h // s, w // s) for s in self.feature_strides]
+        if hws != expected:
+            raise ValueError(f"feature sizes {hws} != image size / strides {expected}")
+        objectness, deltas = self.head(maps)
+        level_anchors = anchors_lib.multilevel_anchors(
+            hws,
+            self.strides,
+            self.sizes,
+            self.aspect_ratios,
+            offset=self.offset,
+            convention=self.convention,
+        )
+        return RPNOutput(
+            objectness=objectness,
+            deltas=deltas,
+            anchors=tuple(level_anchors),
+            features=tuple(maps),
+            strides=tuple(int(s) for s in self.feature_strides),
+        )
+
+    @classmethod
+    def from_config(cls, config, *, axis_name: str | None = None) -> "RPN":
+        """Same as :func:`build_rpn`."""
+        return build_rpn(config, axis_name=axis_name)
+
+
+def _tuples(values):
+    """Lists (from a ConfigDict) -> nested tuples, so the module fields are hashable."""
+    if isinstance(values, Sequence) and not isinstance(values, str):
+        return tuple(_tuples(v) for v in values)
+    return values
+
+
+def build_rpn(config, *, axis_name: str | None = None) -> RPN:
+    """An :class:`RPN` from ``config.model`` and ``config.anchors`` (see ``configs/default.py``).
+
+    ``axis_name``: the device axis for ``batch_norm`` statistics, given by the trainer when the
+    model runs inside ``shard_map``/``pmap``; None on one device. Optional ``config.model``
+    fields: ``num_anchors``, ``pixel_mean``, ``pixel_std``.
+    """
+    m, a = config.model, config.anchors
+    if m.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {m.dtype!r}")
+    return RPN(
+        backbone=m.backbone,
+        width=m.width,
+        norm=m.norm,
+        fpn=m.fpn,
+        fpn_dim=m.fpn_dim,
+        head_convs=m.head_convs,
+        head_dim=m.head_dim,
+        objectness=m.objectness,
+        strides=_tuples(a.strides),
+        sizes=_tuples(a.sizes),
+        aspect_ratios=_tuples(a.aspect_ratios),
+        offset=a.offset,
+        convention=a.convention,
+        num_anchors=m.get("num_anchors"),
+        pixel_mean=_tuples(m.get("pixel_mean")),
+        pixel_std=_tuples(m.get("pixel_std")),
+        axis_name=axis_name,
+        dtype=DTYPES[m.dtype],
+    )
