@@ -123,7 +123,7 @@ def grid_anchors(
     return (shifts + cells[None]).reshape(-1, 4)  # [H*W*A, 4]
 
 
-def _per_level(name, values, num_levels):
+def per_level(name: str, values, num_levels: int) -> list[tuple]:
     """Broadcast a flat sequence (shared by all levels) or validate a per-level one."""
     values = list(values)
     if values and not isinstance(values[0], (list, tuple)):
@@ -151,8 +151,8 @@ def level_cell_anchors(
     sequence per level, as in detectron2's ``DefaultAnchorGenerator``.
     """
     strides = _check_positive("strides", strides)
-    level_sizes = _per_level("sizes", sizes, len(strides))
-    level_ratios = _per_level("aspect_ratios", aspect_ratios, len(strides))
+    level_sizes = per_level("sizes", sizes, len(strides))
+    level_ratios = per_level("aspect_ratios", aspect_ratios, len(strides))
     cells = [
         cell_anchors(s, r, convention=convention, base_size=int(round(stride)))
         for s, r, stride in zip(level_sizes, level_ratios, strides, strict=True)

@@ -23,7 +23,8 @@ NEGATIVE_COLOR = "tab:red"
 PROPOSAL_COLOR = "orange"
 
 
-def _figure(nrows=1, ncols=1, *, size=(6.0, 6.0)):
+def new_figure(nrows=1, ncols=1, *, size=(6.0, 6.0)):
+    """An Agg-backed Figure (no pyplot state) and its ``[nrows, ncols]`` axes grid."""
     fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
@@ -36,7 +37,8 @@ def _panel_size(image, width):
     return width, width * min(max(h / max(w, 1), 0.25), 4.0) + 0.4
 
 
-def _finish(fig, path):
+def save_figure(fig, path):
+    """Tight layout, then write ``fig`` as PNG to ``path`` (None: don't write); returns ``fig``."""
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, format="png")
@@ -100,7 +102,7 @@ def plot_cell_anchors(cell_anchors, path=None, *, stride=None) -> Figure:
     if cells.ndim != 2 or cells.shape[1] != 4 or cells.shape[0] == 0:
         raise ValueError(f"cell_anchors must have shape [A, 4] with A >= 1, got {cells.shape}")
     wh = cells[:, 2:] - cells[:, :2]  # [A, 2]
-    fig, axes = _figure()
+    fig, axes = new_figure()
     ax = axes[0, 0]
     colors = [f"C{i % 10}" for i in range(len(cells))]
     for (w, h), color in zip(wh, colors, strict=True):
@@ -128,7 +130,7 @@ def plot_cell_anchors(cell_anchors, path=None, *, stride=None) -> Figure:
     ax.plot([0], [0], "k+")
     ax.legend(loc="upper right", fontsize="small", ncol=1 + len(cells) // 10)
     ax.set_title(f"{len(cells)} anchors per cell (w x h, pixels)")
-    return _finish(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_anchor_centers(
@@ -155,13 +157,13 @@ def plot_anchor_centers(
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(f"anchors must have shape [N, 4], got {boxes.shape}")
     centers = np.unique((boxes[:, :2] + boxes[:, 2:]) / 2, axis=0)  # [C, 2]
-    fig, axes = _figure(size=_panel_size(image, 6.0))
+    fig, axes = new_figure(size=_panel_size(image, 6.0))
     ax = axes[0, 0]
     _show(ax, image, mean, std)
     ax.scatter(centers[:, 0], centers[:, 1], s=16, c="red", edgecolors="white", linewidths=0.5)
     title = f"{len(centers)} anchor centres"
     ax.set_title(title + (f", stride {stride}" if stride is not None else ""))
-    return _finish(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_sampled_anchors(
@@ -186,7 +188,7 @@ def plot_sampled_anchors(
         raise ValueError(
             f"anchors [N, 4] and labels [N] expected, got {boxes.shape}, {labels.shape}"
         )
-    fig, axes = _figure(size=_panel_size(image, 6.0))
+    fig, axes = new_figure(size=_panel_size(image, 6.0))
     ax = axes[0, 0]
     _show(ax, image, mean, std)
     _draw_boxes(ax, boxes[labels == 0], color=NEGATIVE_COLOR, linewidth=0.8, alpha=0.5)
@@ -197,7 +199,7 @@ def plot_sampled_anchors(
     ax.set_title(
         f"{int(np.sum(labels == 1))} positive, {int(np.sum(labels == 0))} negative anchors"
     )
-    return _finish(fig, path)
+    return save_figure(fig, path)
 
 
 def _draw_proposals(ax, image, gt_boxes, gt_valid, proposals, scores, valid, *, top, mean, std):
@@ -219,11 +221,11 @@ def plot_proposals(
     xyxy ``gt_boxes [G, 4]``, ``gt_valid [G]``, ``proposals [K, 4]``, ``scores [K]``,
     ``valid [K]``; ``image [H, W, C]``.
     """
-    fig, axes = _figure(size=_panel_size(image, 6.0))
+    fig, axes = new_figure(size=_panel_size(image, 6.0))
     _draw_proposals(
         axes[0, 0], image, gt_boxes, gt_valid, proposals, scores, valid, top=top, mean=mean, std=std
     )
-    return _finish(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_proposal_grid(
@@ -250,7 +252,7 @@ def plot_proposal_grid(
         raise ValueError("plot_proposal_grid needs B >= 1 and the same B for every argument")
     ncols = min(ncols, b)
     nrows = -(-b // ncols)
-    fig, axes = _figure(nrows, ncols, size=_panel_size(images[0], 4.0))
+    fig, axes = new_figure(nrows, ncols, size=_panel_size(images[0], 4.0))
     for i, ax in enumerate(axes.flat):
         if i >= b:
             ax.set_axis_off()
@@ -267,14 +269,14 @@ def plot_proposal_grid(
             mean=mean,
             std=std,
         )
-    return _finish(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_recall_curves(curves: dict, path=None) -> Figure:
     """Recall vs IoU and recall vs number of proposals, from
     :meth:`jax_rpn.evaluation.RecallAccumulator.curves`.
     """
-    fig, axes = _figure(1, 2, size=(5.0, 4.0))
+    fig, axes = new_figure(1, 2, size=(5.0, 4.0))
     ax_iou, ax_num = axes[0]
     for count, recall in curves["recall_vs_iou"].items():
         ax_iou.plot(curves["iou_thresholds"], recall, marker="o", label=f"{count} proposals")
@@ -292,4 +294,4 @@ def plot_recall_curves(curves: dict, path=None) -> Figure:
     )
     ax_num.legend(fontsize="small")
     ax_num.grid(alpha=0.3, which="both")
-    return _finish(fig, path)
+    return save_figure(fig, path)

@@ -1,0 +1,251 @@
+"""Tests of jax_rpn.coverage: best anchor IoU per box, categories, k-means, the report and CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from configs import tiny
+from jax_rpn import anchors, coverage
+from jax_rpn.data import shapes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _grid_anchors(size=16.0, ratios=(1.0,), stride=4, hw=(32, 32)):
+    """One level of anchors: size x size squares (and ratios) every `stride` px, offset 0."""
+    cells = anchors.cell_anchors((size,), ratios)
+    return anchors.grid_anchors((hw[0] // stride, hw[1] // stride), stride, cells)  # [N, 4]
+
+
+def _coverage(anchor_boxes, gt, *, allow_low_quality=True, high=0.7, border=None):
+    """batch_coverage of one image holding `gt` [G, 4] (all valid) in a 32x32 image."""
+    gt = np.asarray(gt, np.float32)[None]  # [1, G, 4]
+    g = gt.shape[1]
+    best, num_pos = coverage.batch_coverage(
+        anchor_boxes,
+        gt,
+        np.ones((1, g), bool),
+        np.zeros((1, g), bool),
+        np.array([[32, 32]], np.int32),
+        high=high,
+        low=0.3,
+        allow_low_quality=allow_low_quality,
+        border=border,
+    )
+    return np.asarray(best[0]), np.asarray(num_pos[0])
+
+
+def test_box_equal_to_an_anchor_has_best_iou_exactly_one():
+    a = _grid_anchors(ratios=(0.5, 1.0, 2.0))
+    gt = a[[40, 100]]  # two anchors of different shapes, as ground truth
+    best, num_pos = _coverage(a, gt)
+    assert best.tolist() == [1.0, 1.0]  # exactly, not approximately
+    # Hand count: an anchor shifted by one stride (4 px) has IoU 192/320 = 0.6 with a 16x16
+    # box (0.5 or lower for the other shapes), so each box has exactly one positive anchor.
+    assert num_pos.tolist() == [1, 1]
+    assert coverage.categories(best, high=0.7).tolist() == [0, 0]  # "high"
+    np.testing.assert_array_equal(coverage.best_anchor_iou(a, gt), [1.0, 1.0])
+
+
+def test_box_smaller_than_the_smallest_anchor_is_uncovered_at_high():
+    a = _grid_anchors()  # 16x16 anchors centred at 0, 4, ..., 28
+    gt = [[6.0, 6.0, 10.0, 10.0]]  # 4x4, centred on the anchor at (8, 8)
+    best, num_pos = _coverage(a, gt)
+    # Hand-computed: the box lies inside the anchor, IoU = 16 / 256.
+    assert best[0] == pytest.approx(16 / 256, abs=1e-7)
+    assert coverage.CATEGORIES[coverage.categories(best, high=0.7)[0]] == "low_quality_only"
+    # Low-quality matching makes every tied anchor positive: those containing the box, centred
+    # at x, y in {4, 8, 12} (|c - 8| <= 6): 9 anchors.
+    assert num_pos[0] == 9
+    _, num_pos = _coverage(a, gt, allow_low_quality=False)
+    assert num_pos[0] == 0  # without low-quality matching it never becomes positive
+
+
+def test_box_far_from_every_anchor_is_uncovered():
+    a = _grid_anchors()
+    best, num_pos = _coverage(a, [[100.0, 100.0, 110.0, 120.0], [0.0, 0.0, 0.0, 0.0]])
+    assert best.tolist() == [0.0, 0.0] and num_pos.tolist() == [0, 0]
+    assert coverage.categories(best[:1], high=0.7).tolist() == [2]  # "none"
+
+
+def _numpy_iou(a, b):
+    """Independent IoU [N, M] in float64."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=-1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=-1)
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+@pytest.mark.parametrize("border", [None, 0.0])
+def test_best_anchor_iou_matches_numpy_with_chunks_and_border(border):
+    rng = np.random.default_rng(0)
+    a = _grid_anchors(size=12.0, ratios=(0.5, 1.0, 2.0), stride=8, hw=(48, 48))  # N = 108
+    xy = rng.uniform(0, 40, (50, 2))
+    gt = np.concatenate([xy, xy + rng.uniform(2, 20, (50, 2))], axis=1).astype(np.float32)
+    hw = rng.integers(30, 49, (50, 2)).astype(np.int32)
+    iou = _numpy_iou(a.astype(np.float64), gt.astype(np.float64))  # [N, M]
+    if border is not None:  # matching.inside_image's rule, written out
+        inside = (
+            (a[:, None, 0] >= -border)
+            & (a[:, None, 1] >= -border)
+            & (a[:, None, 2] < hw[None, :, 1] + border)
+            & (a[:, None, 3] < hw[None, :, 0] + border)
+        )
+        iou = np.where(inside, iou, 0.0)
+    # chunk 7 does not divide N = 108: several scan steps and zero-area padding anchors.
+    got = coverage.best_anchor_iou(a, gt, gt_image_hw=hw, border=border, chunk=7)
+    np.testing.assert_allclose(got, iou.max(axis=0), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="gt_boxes"):
+        coverage.best_anchor_iou(a, gt[:, :3])
+    with pytest.raises(ValueError, match="border needs gt_image_hw"):
+        coverage.best_anchor_iou(a, gt, border=0.0)
+
+
+def test_summarize_bins_and_worst():
+    boxes = np.array(
+        [[0, 0, 10, 10], [0, 0, 50, 50], [0, 0, 100, 100], [0, 0, 10, 40], [0, 0, 40, 10]],
+        np.float32,
+    )
+    cov = coverage.BoxCoverage(
+        image_index=np.array([0, 0, 1, 2, 2], np.int32),
+        boxes=boxes,
+        best_iou=np.array([0.2, 0.75, 0.9, 0.0, 0.5], np.float32),
+        num_positive=np.array([1, 2, 3, 0, 1], np.int32),
+    )
+    s = coverage.summarize(cov, high=0.7, worst=2)
+    o = s["overall"]
+    assert (o["boxes"], o["high"], o["low_quality_only"], o["none"]) == (5, 0.4, 0.4, 0.2)
+    assert o["matched"] == 0.8
+    # COCO areas: 100, 400, 400 small; 2500 medium; 10000 large.
+    assert [(r["bin"], r["boxes"]) for r in s["coco_sizes"]] == [
+        ("small", 3),
+        ("medium", 1),
+        ("large", 1),
+    ]
+    assert [(r["bin"], r["boxes"]) for r in s["ratios"]] == [("<=1/4", 1), ("1", 3), (">=4", 1)]
+    assert sum(r["boxes"] for r in s["sizes"]) == 5
+    assert [w["best_iou"] for w in s["worst"]] == pytest.approx([0.0, 0.2])
+    assert s["worst"][0]["image_index"] == 2 and s["worst"][0]["box"] == [0, 0, 10, 40]
+
+
+def test_kmeans_recovers_three_shapes():
+    rng = np.random.default_rng(1)
+    truth = np.array([[10.0, 40.0], [30.0, 30.0], [80.0, 20.0]])  # areas 400, 900, 1600
+    wh = np.concatenate([t * rng.uniform(0.93, 1.07, (150, 2)) for t in truth])
+    rng.shuffle(wh)
+    centres = coverage.kmeans_shapes(wh, 3, seed=0)
+    np.testing.assert_allclose(centres, truth, rtol=0.03)
+    with pytest.raises(ValueError, match="k must be"):
+        coverage.kmeans_shapes(wh[:2], 3)
+
+
+def test_suggest_anchors_fits_levels_and_keeps_a():
+    rng = np.random.default_rng(2)
+    # Boxes of sizes 18-22 and 36-44 (near levels of sizes 16 and 32), h / w 1/2 or 2.
+    size = np.repeat([20.0, 40.0], 100) * rng.uniform(0.9, 1.1, 200)
+    ratio = np.tile([0.5, 2.0], 100)
+    w, h = size / np.sqrt(ratio), size * np.sqrt(ratio)
+    boxes = np.stack([np.zeros(200), np.zeros(200), w, h], axis=1)
+    s = coverage.suggest_anchors(
+        boxes, strides=(4, 8), sizes=((16,), (32,)), aspect_ratios=(0.5, 2.0)
+    )
+    assert s.boxes_per_level == (100, 100)
+    assert [len(x) for x in s.sizes] == [1, 1]
+    assert [x[0] for x in s.sizes] == pytest.approx([20.0, 40.0], abs=0.5)  # medians
+    assert s.aspect_ratios == pytest.approx((0.5, 2.0), abs=0.02)
+    # More sizes per level: A = 2 x 2 on both levels, sizes spread around each cluster.
+    s = coverage.suggest_anchors(
+        boxes, strides=(4, 8), sizes=((16,), (32,)), aspect_ratios=(0.5, 2.0), sizes_per_level=2
+    )
+    assert [len(x) for x in s.sizes] == [2, 2]
+    assert 18 <= s.sizes[0][0] < 20 < s.sizes[0][1] <= 22
+    assert 36 <= s.sizes[1][0] < 40 < s.sizes[1][1] <= 44
+    cells = anchors.level_cell_anchors((4, 8), s.sizes, s.aspect_ratios)
+    assert [c.shape[0] for c in cells] == [4, 4]
+    with pytest.raises(ValueError, match="same count"):
+        coverage.suggest_anchors(
+            boxes, strides=(4, 8), sizes=(16,), aspect_ratios=((0.5, 2.0), (1.0,))
+        )
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A tfds data_dir holding rpn_shapes/small (96x128 images, 12 validation)."""
+    path = str(tmp_path_factory.mktemp("tfds"))
+    shapes.ensure_prepared("rpn_shapes/small", data_dir=path)
+    return path
+
+
+def _tiny_config(data_dir):
+    c = tiny.get_config()  # 64x64 padded images: rpn_shapes/small is resized to 48x64
+    c.data.name = "rpn_shapes/small"
+    c.data.data_dir = data_dir
+    return c
+
+
+def _check_png(path):
+    assert os.path.getsize(path) > 1000
+    img = matplotlib.image.imread(path)
+    assert img.shape[0] >= 200 and img.shape[1] >= 200 and img[..., :3].std() > 0.01
+
+
+def test_run_on_shapes_writes_report_and_pictures(data_dir, tmp_path):
+    config = _tiny_config(data_dir)
+    out = str(tmp_path / "out")
+    result = coverage.run(config, out_dir=out, max_images=5, progress=False)
+    gt = coverage.load_ground_truth(config, max_images=5, progress=False)
+    assert result["setup"]["num_images"] == 5
+    assert result["current"]["overall"]["boxes"] == int(np.sum(gt.valid & ~gt.ignore))
+    for part in ("current", "suggested"):
+        o = result[part]["overall"]
+        assert o["high"] + o["low_quality_only"] + o["none"] == pytest.approx(1.0)
+        assert sum(r["boxes"] for r in result[part]["sizes"]) == o["boxes"]
+        assert result[part]["anchors"]["num_cell_anchors"] == 3
+    names = sorted(os.path.basename(p) for p in result["pictures"])
+    assert names == [
+        "best_iou.png",
+        "cell_anchors.png",
+        "coverage.png",
+        "coverage_by_ratio.png",
+        "coverage_by_size.png",
+        "current_vs_suggested.png",
+    ]
+    for p in result["pictures"]:
+        _check_png(p)
+    with open(os.path.join(out, "coverage.json")) as f:
+        assert json.load(f)["current"]["overall"] == result["current"]["overall"]
+    text = coverage.format_report(result)
+    assert "Does every object get an anchor?" in text and "What about very small boxes?" in text
+    assert "config.anchors.sizes = " in text
+
+
+def test_cli_prints_json(data_dir, tmp_path):
+    out = str(tmp_path / "cli")
+    cmd = [
+        sys.executable,
+        "-m",
+        "jax_rpn.coverage",
+        "--config",
+        os.path.join(REPO, "configs", "tiny.py"),
+        "--config.data.name=rpn_shapes/small",
+        f"--config.data.data_dir={data_dir}",
+        "--max_images=3",
+        f"--out={out}",
+        "--nosuggest",
+        "--nomatch",
+        "--json",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["setup"]["num_images"] == 3 and result["suggested"] is None
+    assert result["current"]["overall"]["matched"] is None  # --nomatch: the matcher was skipped
+    assert os.path.exists(os.path.join(out, "coverage.png"))
+    assert not os.path.exists(os.path.join(out, "current_vs_suggested.png"))
