@@ -20,16 +20,25 @@ def _batches(config):
     return [_random_batch(rng, config, 8) for _ in range(NUM_STEPS)]
 
 
+def _distributed_config():
+    """Low-quality matching off: its exact-equality ties between IoUs that are equal in exact
+    arithmetic are decided by float rounding, which differs between XLA's per-thread code paths
+    (one process with 4 devices vs two with 2), and one flipped tie changes the sampled set."""
+    from test_training import _config
+
+    return _config(**{"targets.allow_low_quality": False})
+
+
 def _worker(process_id: int, port: int, out: str) -> None:
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
-    from test_training import _config, _run_steps
+    from test_training import _run_steps
 
     from jax_rpn import parallel
 
-    config = _config()
+    config = _distributed_config()
     assert jax.device_count() == 4 and jax.local_device_count() == 2
     local = [
         {k: v[process_id * 4 : (process_id + 1) * 4] for k, v in b.items()}
@@ -50,7 +59,7 @@ def _free_port() -> int:
 
 def test_two_processes_match_one_process(tmp_path):
     import jax
-    from test_training import _config, _run_steps
+    from test_training import _run_steps
 
     from jax_rpn import parallel
 
@@ -70,7 +79,7 @@ def test_two_processes_match_one_process(tmp_path):
     logs = [p.communicate(timeout=400)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
 
-    config = _config()
+    config = _distributed_config()
     state, metrics = _run_steps(
         config, parallel.data_mesh(jax.devices()[:4]), "shard_map", _batches(config)
     )
