@@ -5,9 +5,10 @@ under a box head of its own (Fast R-CNN style), trained a few steps on the synth
     python examples/two_stage_detector.py --steps 20 --data-name rpn_shapes/small  # 32 images
 
 `TwoStage` holds an `RPN` built from `configs/tiny.py`; the RPN's proposals (no gradient) and the
-ground-truth boxes are pooled 7x7 from their FPN level (P2..P5) and a 2-layer MLP gives class
-logits (background + shape classes) and box deltas. Loss: the RPN loss + softmax cross-entropy +
-smooth-L1 on positives, over 64 sampled ROIs per image. Boxes are xyxy absolute pixels.
+ground-truth boxes are pooled 7x7 from their FPN level (P2..P5, the maps the RPN returns in
+`RPNOutput.features`) and a 2-layer MLP gives class logits (background + shape classes, from the
+batch's `labels`) and box deltas. Loss: the RPN loss + softmax cross-entropy + smooth-L1 on
+positives, over 64 sampled ROIs per image. Boxes are xyxy absolute pixels.
 """
 
 import argparse
@@ -19,7 +20,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for configs/
@@ -27,11 +27,11 @@ from configs import tiny  # noqa: E402
 from jax_rpn import boxes, losses, matching, sampling  # noqa: E402
 from jax_rpn.data import pipeline  # noqa: E402
 from jax_rpn.inference import proposals_from_outputs  # noqa: E402
-from jax_rpn.models import FPN, build_rpn  # noqa: E402
+from jax_rpn.models import build_rpn  # noqa: E402
 from jax_rpn.roi_align import multilevel_roi_align  # noqa: E402
 from jax_rpn.rpn_loss import rpn_loss  # noqa: E402
 
-ROI_LEVELS = {"P2": 4, "P3": 8, "P4": 16, "P5": 32}  # pooled levels and strides (detectron2)
+NUM_ROI_LEVELS = 4  # RoIAlign pools from P2..P5, the first 4 RPN levels (detectron2)
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # second-stage box coder weights (detectron2)
 
 
@@ -66,30 +66,19 @@ class TwoStage(nn.Module):
         self.box_head = BoxHead(self.num_classes)
 
     def __call__(self, images, image_hw, gt_boxes=None, gt_valid=None, *, train):
-        outputs, pyramid = self.rpn_with_features(images, train=train)
+        outputs = self.rpn(images, train=train)
         props = proposals_from_outputs(outputs, image_hw, config=self.config, train=train)
         rois, valid = jax.lax.stop_gradient(props.boxes), props.valid  # [B, K, 4], [B, K]
         if gt_boxes is not None:
             rois = jnp.concatenate([rois, gt_boxes], axis=1)  # [B, R, 4]
             valid = jnp.concatenate([valid, gt_valid], axis=1)  # [B, R]
-        roi_align = functools.partial(multilevel_roi_align, strides=tuple(ROI_LEVELS.values()))
-        pooled = jax.vmap(roi_align)([pyramid[p] for p in ROI_LEVELS], rois)  # [B, R, 7, 7, C]
+        roi_align = functools.partial(
+            multilevel_roi_align, strides=outputs.strides[:NUM_ROI_LEVELS]
+        )
+        pyramid = list(outputs.features[:NUM_ROI_LEVELS])  # P2..P5: [B, Hl, Wl, C]
+        pooled = jax.vmap(roi_align)(pyramid, rois)  # [B, R, 7, 7, C]
         logits, deltas = self.box_head(pooled)
         return outputs, rois, valid, logits, deltas
-
-    def rpn_with_features(self, images, *, train):
-        """Our RPN's outputs and the FPN maps ``{P2..P6: [B, Hl, Wl, C]}`` it computed."""
-        pyramids = []
-
-        def keep_fpn_output(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            if isinstance(context.module, FPN) and context.method_name == "__call__":
-                pyramids.append(out)
-            return out
-
-        with nn.intercept_methods(keep_fpn_output):
-            outputs = self.rpn(images, train=train)
-        return outputs, pyramids[0]
 
 
 def roi_targets(key, rois, roi_valid, gt_boxes, gt_classes, gt_valid):
@@ -172,8 +161,6 @@ def main(argv=None) -> dict:
     initial, history = params, []
     for step in range(args.steps):
         batch = next(batches)
-        # The pipeline's batches carry no class labels yet: every object is then class 0.
-        batch.setdefault("labels", np.zeros(batch["valid"].shape, np.int32))
         params, opt_state, metrics = train_step(
             params, state, opt_state, batch, jax.random.fold_in(key, step)
         )

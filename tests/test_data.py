@@ -173,13 +173,21 @@ def test_pad_boxes_keeps_the_largest_and_counts_the_rest():
     boxes = np.array(
         [[0, 0, 2, 2], [0, 0, 10, 10], [0, 0, 5, 5], [0, 0, 1, 1], [0, 0, 8, 8]], np.float32
     )  # areas 4, 100, 25, 1, 64
+    labels = np.array([5, 6, 7, 8, 9])
     ignore = np.array([False, True, False, False, False])
-    out, valid, out_ignore, dropped = augment.pad_boxes(boxes, ignore, max_boxes=3)
+    out, out_labels, valid, out_ignore, dropped = augment.pad_boxes(
+        boxes, labels, ignore, max_boxes=3
+    )
     # Non-ignored first, then by area: 64 (#4), 25 (#2), 4 (#0); kept in input order.
     np.testing.assert_array_equal(out, boxes[[0, 2, 4]])
+    np.testing.assert_array_equal(out_labels, [5, 7, 9])  # the labels of boxes #0, #2, #4
+    assert out_labels.dtype == np.int32
     assert valid.all() and not out_ignore.any() and dropped == 2
-    out, valid, out_ignore, dropped = augment.pad_boxes(boxes[:2], ignore[:2], max_boxes=4)
+    out, out_labels, valid, out_ignore, dropped = augment.pad_boxes(
+        boxes[:2], labels[:2], ignore[:2], max_boxes=4
+    )
     np.testing.assert_array_equal(out, [[0, 0, 2, 2], [0, 0, 10, 10], [0, 0, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(out_labels, [5, 6, 0, 0])
     np.testing.assert_array_equal(valid, [True, True, False, False])
     np.testing.assert_array_equal(out_ignore, [False, True, False, False])
     assert dropped == 0
@@ -189,7 +197,10 @@ def test_pad_boxes_keeps_the_largest_and_counts_the_rest():
 
 
 def _expected_boxes(record, *, flip, max_boxes, resized_hw=(48, 64)):
-    """Plain-numpy reference: normalized yxyx -> resized xyxy pixels, flipped, largest kept."""
+    """Plain-numpy reference: normalized yxyx -> resized xyxy pixels, flipped, largest kept.
+
+    Returns (boxes [k, 4], the kept positions [k], number dropped).
+    """
     h, w = resized_hw
     bbox = np.stack(record["objects"]["bbox"])
     boxes = bbox[:, [1, 0, 3, 2]] * np.array([w, h, w, h], np.float32)
@@ -197,19 +208,25 @@ def _expected_boxes(record, *, flip, max_boxes, resized_hw=(48, 64)):
         boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     keep = np.sort(np.argsort(-area, kind="stable")[:max_boxes])
-    return boxes[keep], len(boxes) - len(keep)
+    return boxes[keep], keep, len(boxes) - len(keep)
+
+
+def _rendered_labels(split, record):
+    """The shape classes `shapes.render_example` drew in the image of `record` ([n] int)."""
+    return shapes.render_example(split, int(record["image/id"]), image_hw=SMALL_HW)["label"]
 
 
 def test_train_batches_shapes_flip_resize_and_padding(data_dir):
     config = _config(data_dir)
     source = _source(data_dir, "train")
-    flips = set()
+    flips, num_dropped = set(), 0
     for batch in _take(pipeline.create_train_iterator(config), 4):
         assert batch["image"].shape == (4, 64, 64, 3) and batch["image"].dtype == np.float32
         assert batch["boxes"].shape == (4, 6, 4) and batch["boxes"].dtype == np.float32
         for k in ("valid", "ignore", "example_valid"):
             assert batch[k].dtype == bool
-        assert batch["valid"].shape == batch["ignore"].shape == (4, 6)
+        assert batch["valid"].shape == batch["ignore"].shape == batch["labels"].shape == (4, 6)
+        assert batch["labels"].dtype == np.int32
         assert batch["image_hw"].dtype == np.int32 and batch["num_dropped"].dtype == np.int32
         np.testing.assert_array_equal(batch["image_hw"], [[48, 64]] * 4)
         assert batch["example_valid"].all() and not batch["ignore"].any()
@@ -218,13 +235,18 @@ def test_train_batches_shapes_flip_resize_and_padding(data_dir):
             n = int(batch["valid"][i].sum())
             matches = []
             for flip in (False, True):
-                boxes, dropped = _expected_boxes(record, flip=flip, max_boxes=6)
+                boxes, keep, dropped = _expected_boxes(record, flip=flip, max_boxes=6)
                 if np.allclose(batch["boxes"][i, :n], boxes, atol=1e-4):
                     matches.append(flip)
                     assert batch["num_dropped"][i] == dropped and n == len(boxes)
+                    # Labels follow their boxes, also when boxes beyond max_boxes are dropped.
+                    labels = _rendered_labels("train", record)[keep]
+                    np.testing.assert_array_equal(batch["labels"][i, :n], labels)
             assert len(matches) == 1
             flips.add(matches[0])
+            num_dropped += int(batch["num_dropped"][i])
             assert not batch["boxes"][i, n:].any()  # empty slots are zero
+            assert not batch["labels"][i, n:].any()
             # Image: PIL-resized source (flipped like the boxes), then padding of zeros.
             resized = np.asarray(Image.fromarray(record["image"]).resize((64, 48), Image.BILINEAR))
             if matches[0]:
@@ -233,6 +255,7 @@ def test_train_batches_shapes_flip_resize_and_padding(data_dir):
             assert np.abs(image[:48].astype(int) - resized).max() <= 1
             assert not batch["image"][i, 48:].any()
     assert flips == {False, True}  # both happen among 16 examples
+    assert num_dropped > 0  # up to 12 shapes in 6 slots: the label check covered dropping
 
 
 def test_no_flip_when_hflip_is_off(data_dir):
@@ -240,7 +263,7 @@ def test_no_flip_when_hflip_is_off(data_dir):
     source = _source(data_dir, "train")
     batch = next(pipeline.create_train_iterator(config))
     for i in range(4):
-        boxes, _ = _expected_boxes(source[int(batch["index"][i])], flip=False, max_boxes=6)
+        boxes, _, _ = _expected_boxes(source[int(batch["index"][i])], flip=False, max_boxes=6)
         np.testing.assert_allclose(batch["boxes"][i, : len(boxes)], boxes, atol=1e-4)
 
 
@@ -309,11 +332,22 @@ def test_eval_pass_pads_the_last_batch(data_dir):
     last = batches[-1]
     np.testing.assert_array_equal(last["example_valid"], [True, True, False, False])
     assert not last["valid"][2:].any() and not last["image"][2:].any()
+    assert not last["labels"][2:].any() and last["labels"].dtype == np.int32
     source = _source(data_dir, "validation")
+    # Validation image 4, looked at by eye (rendered, drawn with its boxes): a filled triangle
+    # (bottom left), a thin ring (top right) and an outlined triangle (bottom middle), in this
+    # order; 3 boxes fit in 6 slots.
+    position = [int(source[i]["image/id"]) for i in range(10)].index(4)
+    labels = batches[position // 4]["labels"][position % 4]
+    np.testing.assert_array_equal(labels, [2, 3, 2, 0, 0, 0])
+    assert [info.class_names[c] for c in labels[:3]] == ["triangle", "ring", "triangle"]
     for b in batches:  # no flip in eval
         for i in np.nonzero(b["example_valid"])[0]:
-            boxes, _ = _expected_boxes(source[int(b["index"][i])], flip=False, max_boxes=6)
+            record = source[int(b["index"][i])]
+            boxes, keep, _ = _expected_boxes(record, flip=False, max_boxes=6)
             np.testing.assert_allclose(b["boxes"][i, : len(boxes)], boxes, atol=1e-4)
+            labels = _rendered_labels("validation", record)[keep]
+            np.testing.assert_array_equal(b["labels"][i, : len(labels)], labels)
     parts = [
         list(pipeline.create_eval_iterator(config, process_index=p, process_count=2))
         for p in (0, 1)
@@ -346,7 +380,8 @@ def test_batch_must_divide_over_processes(data_dir):
 
 
 def _record(ignore_key):
-    """A hand-made tfds record, 40x80: two boxes (the second flagged) and a degenerate one."""
+    """A hand-made tfds record, 40x80: two boxes (the second flagged) and a degenerate one,
+    of classes 3, 1 and 2."""
     rng = np.random.default_rng(0)
     bbox = [
         [0.1, 0.25, 0.5, 0.5],
@@ -355,7 +390,7 @@ def _record(ignore_key):
     ]  # ymin xmin ymax xmax
     objects = {
         "bbox": [np.array(b, np.float32) for b in bbox],
-        "label": [np.int64(3), np.int64(1), np.int64(0)],
+        "label": [np.int64(3), np.int64(1), np.int64(2)],
         ignore_key: [False, True, False],
     }
     return {"image": rng.integers(0, 256, (40, 80, 3), dtype=np.uint8), "objects": objects}
@@ -363,12 +398,14 @@ def _record(ignore_key):
 
 @pytest.mark.parametrize(("family", "key"), [("voc", "is_difficult"), ("coco", "is_crowd")])
 def test_decode_example_marks_difficult_and_crowd_boxes(family, key):
-    image, boxes, ignore = pipeline.decode_example(_record(key), family=family)
+    image, boxes, labels, ignore = pipeline.decode_example(_record(key), family=family)
     assert image.shape == (40, 80, 3)
-    # x = xmin * 80, y = ymin * 40; the zero-height third box is dropped.
+    # x = xmin * 80, y = ymin * 40; the zero-height third box (class 2) is dropped.
     np.testing.assert_allclose(boxes, [[20, 4, 40, 20], [40, 20, 80, 40]])
+    np.testing.assert_array_equal(labels, [3, 1])
+    assert labels.dtype == np.int32
     np.testing.assert_array_equal(ignore, [False, True])
-    _, _, ignore = pipeline.decode_example(_record(key), family=family, ignore_difficult=False)
+    _, _, _, ignore = pipeline.decode_example(_record(key), family=family, ignore_difficult=False)
     np.testing.assert_array_equal(ignore, [False, False])
 
 
@@ -395,6 +432,8 @@ def test_real_datasets_through_the_pipeline_with_mock_data(monkeypatch, name, ke
         objects = tfds.builder(name).info.features["objects"]
         assert isinstance(objects["bbox"], tfds.features.BBoxFeature)
         assert objects[key].dtype == np.bool_
+        # `objects/label` indexes the class names (`DatasetInfo.class_names`): 20 or 80.
+        assert objects["label"].num_classes == (20 if name.startswith("voc") else 80)
         batches = list(pipeline.create_eval_iterator(config))
     assert len(batches) == 2
     b = batches[0]
@@ -403,7 +442,9 @@ def test_real_datasets_through_the_pipeline_with_mock_data(monkeypatch, name, ke
     np.testing.assert_allclose(b["boxes"][0, :2], [[10, 2, 20, 10], [20, 10, 40, 20]])
     np.testing.assert_array_equal(b["valid"][0], [True, True, False, False])
     np.testing.assert_array_equal(b["ignore"][0], [False, True, False, False])
+    np.testing.assert_array_equal(b["labels"][0], [3, 1, 0, 0])  # the degenerate box's 2 is gone
     np.testing.assert_array_equal(batches[1]["example_valid"], [True, False])
+    np.testing.assert_array_equal(batches[1]["labels"][1], [0, 0, 0, 0])  # blank padding row
 
 
 def test_unprepared_real_dataset_says_how_to_prepare(tmp_path):

@@ -28,16 +28,28 @@ def fast_compile():
     jax.config.update("jax_disable_most_optimizations", before)
 
 
-def test_two_stage_detector_trains(tmp_path, fast_compile):
+def test_two_stage_detector_trains(tmp_path, monkeypatch, fast_compile):
     data_dir = str(tmp_path / "tfds")
     shapes.ensure_prepared("rpn_shapes/small", data_dir=data_dir)
     example = _load("two_stage_detector")
+    batches = []  # the batches the example trains on (the same dict objects)
+    create = example.pipeline.create_train_iterator
+
+    def recording_iterator(*args, **kwargs):
+        for batch in create(*args, **kwargs):
+            batches.append(batch)
+            yield batch
+
+    monkeypatch.setattr(example.pipeline, "create_train_iterator", recording_iterator)
     result = example.main(
         ["--steps", "3", "--batch-size", "2", "--data-name", "rpn_shapes/small"]
         + ["--data-dir", data_dir]
     )
     history = result["history"]
-    assert len(history) == 3
+    assert len(history) == 3 and len(batches) == 3
+    # The second stage trains on the real shape classes (0..3), not a zero fill.
+    labels = np.concatenate([b["labels"][b["valid"]] for b in batches])
+    assert labels.max() > 0 and labels.max() < len(shapes.CLASS_NAMES)
     for metrics in history:
         assert set(metrics) == {"loss", "rpn", "cls", "box"}
         assert all(np.isfinite(v) for v in metrics.values()), metrics

@@ -71,14 +71,15 @@ def pad_image(image: np.ndarray, pad_hw) -> np.ndarray:
 
 
 def pad_boxes(
-    boxes: np.ndarray, ignore: np.ndarray, *, max_boxes: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Pads boxes [n, 4] and ignore flags [n] to `max_boxes` slots.
+    boxes: np.ndarray, labels: np.ndarray, ignore: np.ndarray, *, max_boxes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Pads boxes [n, 4] (`[x1, y1, x2, y2]` pixels), class labels [n] and ignore flags [n] to
+    `max_boxes` slots.
 
     With more than `max_boxes` boxes, keeps the non-ignored ones first, then the largest by
-    area (ties: the earlier box), in their original order.
-    Returns (boxes [G, 4] float32, zeros in empty slots; valid [G] bool; ignore [G] bool;
-    num_dropped int).
+    area (ties: the earlier box), in their original order; labels and ignore flags follow their
+    boxes. Returns (boxes [G, 4] float32, zeros in empty slots; labels [G] int32, 0 in empty
+    slots; valid [G] bool; ignore [G] bool; num_dropped int).
     """
     n = len(boxes)
     keep = np.arange(n)
@@ -88,7 +89,9 @@ def pad_boxes(
     k = len(keep)
     out_boxes = np.zeros((max_boxes, 4), np.float32)  # [G, 4]
     out_boxes[:k] = boxes[keep]
+    out_labels = np.zeros(max_boxes, np.int32)  # [G]
+    out_labels[:k] = labels[keep]
     valid = np.arange(max_boxes) < k  # [G]
     out_ignore = np.zeros(max_boxes, bool)  # [G]
     out_ignore[:k] = ignore[keep]
-    return out_boxes, valid, out_ignore, n - k
+    return out_boxes, out_labels, valid, out_ignore, n - k

@@ -8,6 +8,8 @@ ground truth to `config.data.max_boxes` slots. A batch is a dict of numpy arrays
 
     image          float32 [b, H, W, 3]  (H, W) = pad_to
     boxes          float32 [b, G, 4]     [x1, y1, x2, y2] in pixels of the resized image; 0 if empty
+    labels         int32   [b, G]        class of each box, an index into
+                                         `DatasetInfo.class_names` (`objects/label`); 0 if empty
     valid          bool    [b, G]        slot holds a box (ignored boxes included)
     ignore         bool    [b, G]        VOC difficult / COCO crowd box (when ignore_difficult):
                                          left out of training targets and of recall
@@ -85,11 +87,12 @@ class _Settings:
 
 
 def decode_example(example: dict, *, family: str, ignore_difficult: bool = True):
-    """Maps a tfds example of `family` (rpn_shapes, voc, coco) to (image, boxes, ignore).
+    """Maps a tfds example of `family` (rpn_shapes, voc, coco) to (image, boxes, labels, ignore).
 
     Returns image uint8 [h, w, 3]; boxes float32 [n, 4], `[x1, y1, x2, y2]` absolute pixels
-    from tfds' normalized `[ymin, xmin, ymax, xmax]`; ignore bool [n] (difficult / crowd, all
-    False unless `ignore_difficult`). Boxes with zero width or height are dropped.
+    from tfds' normalized `[ymin, xmin, ymax, xmax]`; labels int32 [n] (`objects/label`, an
+    index into the dataset's class names); ignore bool [n] (difficult / crowd, all False unless
+    `ignore_difficult`). Boxes with zero width or height are dropped.
     """
     if family not in _IGNORE_FEATURE:
         raise ValueError(f"family must be one of {tuple(_IGNORE_FEATURE)}, got {family!r}")
@@ -98,6 +101,9 @@ def decode_example(example: dict, *, family: str, ignore_difficult: bool = True)
     objects = example["objects"]
     bbox = np.asarray(objects["bbox"], np.float32).reshape(-1, 4)  # [n, 4] ymin, xmin, ymax, xmax
     boxes = bbox[:, [1, 0, 3, 2]] * np.array([w, h, w, h], np.float32)  # [n, 4]
+    labels = np.asarray(objects["label"], np.int32).reshape(-1)  # [n]
+    if len(labels) != len(boxes):
+        raise ValueError(f"objects/label has {len(labels)} entries for {len(boxes)} boxes")
     ignore = np.zeros(len(boxes), bool)
     key = _IGNORE_FEATURE[family]
     if key is not None and ignore_difficult:
@@ -105,12 +111,12 @@ def decode_example(example: dict, *, family: str, ignore_difficult: bool = True)
         if len(ignore) != len(boxes):
             raise ValueError(f"objects/{key} has {len(ignore)} entries for {len(boxes)} boxes")
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return image, boxes[keep], ignore[keep]
+    return image, boxes[keep], labels[keep], ignore[keep]
 
 
 def _process(example: dict, index: int, *, settings: _Settings, flip: bool) -> dict:
     """One tfds example -> one padded, normalized pipeline example (see the module doc)."""
-    image, boxes, ignore = decode_example(
+    image, boxes, labels, ignore = decode_example(
         example, family=settings.family, ignore_difficult=settings.ignore_difficult
     )
     if flip:
@@ -122,12 +128,13 @@ def _process(example: dict, index: int, *, settings: _Settings, flip: bool) -> d
         max_size=settings.max_size,
         pad_hw=settings.pad_hw,
     )
-    boxes, valid, ignore, num_dropped = augment.pad_boxes(
-        boxes, ignore, max_boxes=settings.max_boxes
+    boxes, labels, valid, ignore, num_dropped = augment.pad_boxes(
+        boxes, labels, ignore, max_boxes=settings.max_boxes
     )
     return {
         "image": augment.pad_image(augment.normalize(image), settings.pad_hw),
         "boxes": boxes,
+        "labels": labels,
         "valid": valid,
         "ignore": ignore,
         "image_hw": np.array(image.shape[:2], np.int32),
@@ -138,11 +145,12 @@ def _process(example: dict, index: int, *, settings: _Settings, flip: bool) -> d
 
 
 def _blank(settings: _Settings) -> dict:
-    """An eval padding example: zero image and boxes, nothing valid, image_hw = pad_to."""
+    """An eval padding example: zero image, boxes and labels, nothing valid, image_hw = pad_to."""
     g = settings.max_boxes
     return {
         "image": np.zeros((*settings.pad_hw, 3), np.float32),
         "boxes": np.zeros((g, 4), np.float32),
+        "labels": np.zeros(g, np.int32),
         "valid": np.zeros(g, bool),
         "ignore": np.zeros(g, bool),
         "image_hw": np.array(settings.pad_hw, np.int32),
@@ -282,8 +290,8 @@ def create_train_iterator(
     """An endless iterator over this host's part of the training batches (see the module doc).
 
     Each batch: image [b, H, W, 3], boxes [b, G, 4] `[x1, y1, x2, y2]` in absolute pixels of
-    the resized image, valid / ignore [b, G], image_hw [b, 2], num_dropped / example_valid /
-    index [b], with b = config.batch_size / process_count.
+    the resized image, labels (class indices) / valid / ignore [b, G], image_hw [b, 2],
+    num_dropped / example_valid / index [b], with b = config.batch_size / process_count.
 
     `process_index` / `process_count` default to `jax.process_index()` / `jax.process_count()`.
     Deterministic for `config.seed`. The iterator has `get_state()` (a JSON-able dict) and
