@@ -17,6 +17,7 @@ def get_config():
     c.data.num_eval_images = None
     c.model.backbone = "resnet50"
     c.model.width = 64
+    c.model.norm = "frozen_bn"  # detectron2: FrozenBN over ImageNet-pretrained weights
     c.model.fpn_dim = 256
     c.model.head_dim = 256
     c.anchors.sizes = ((32,), (64,), (128,), (256,), (512,))
@@ -24,6 +25,8 @@ def get_config():
     c.proposals.post_nms_topk_train = 1000
     c.proposals.pre_nms_topk_test = 1000
     c.proposals.post_nms_topk_test = 1000
+    c.loss.box_weight = 1.0
+    c.optim.name = "sgd"
     c.optim.learning_rate = 0.02
     c.optim.warmup_steps = 1000
     c.optim.schedule = "step"

@@ -26,7 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.backbone = "resnet18"  # resnet18/34/50/101, vgg16
     c.model.width = 32  # channels of the first stage (64 in the standard ResNet)
-    c.model.norm = "frozen_bn"  # frozen_bn, batch_norm (cross-device statistics), group_norm
+    # From scratch (no pretrained weights here), so real batch statistics; frozen_bn is for
+    # pretrained backbones. Options: frozen_bn, batch_norm (cross-device), group_norm, none.
+    c.model.norm = "batch_norm"
     c.model.fpn = True
     c.model.fpn_dim = 64
     c.model.head_convs = 1
@@ -37,7 +39,12 @@ def get_config() -> ml_collections.ConfigDict:
     # Anchors (jax_rpn.anchors): one entry of sizes per level.
     c.anchors = ml_collections.ConfigDict()
     c.anchors.strides = (4, 8, 16, 32, 64)
-    c.anchors.sizes = ((16,), (32,), (64,), (128,), (256,))
+    # Three sizes per level, an octave apart in thirds (2^0, 2^1/3, 2^2/3 as RetinaNet), x 3
+    # ratios: A = 9. One size per level leaves 77% of the shapes data's boxes below IoU 0.7
+    # with every anchor (python -m jax_rpn.coverage).
+    c.anchors.sizes = tuple(
+        tuple(round(s * 2 ** (i / 3)) for i in range(3)) for s in (16, 32, 64, 128, 256)
+    )
     c.anchors.aspect_ratios = (0.5, 1.0, 2.0)
     c.anchors.offset = 0.0
     c.anchors.convention = "detectron2"
@@ -55,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.box = "smooth_l1"  # smooth_l1, giou
     c.loss.beta = 0.0  # smooth-L1 beta (0 = L1), detectron2's RPN default
-    c.loss.box_weight = 1.0
+    c.loss.box_weight = 3.0
 
     # Proposals (jax_rpn.proposals).
     c.proposals = ml_collections.ConfigDict()
@@ -68,11 +75,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Optimisation (jax_rpn.training).
     c.optim = ml_collections.ConfigDict()
-    c.optim.name = "sgd"  # sgd (momentum) or adamw
-    c.optim.learning_rate = 0.02
+    c.optim.name = "adamw"  # sgd (momentum) or adamw; AdamW learns faster from scratch
+    c.optim.learning_rate = 0.003
     c.optim.momentum = 0.9
     c.optim.weight_decay = 1e-4  # not applied to norms and biases
-    c.optim.warmup_steps = 100
+    c.optim.warmup_steps = 50
     c.optim.schedule = "cosine"  # cosine or step
     c.optim.decay_steps = ()  # step boundaries for schedule="step"
     c.optim.decay_factor = 0.1
@@ -80,10 +87,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Loop.
     c.batch_size = 8  # global, divided over devices
-    c.num_train_steps = 1500
+    c.num_train_steps = 800
     c.log_every = 50
-    c.eval_every = 500
-    c.checkpoint_every = 500
+    c.eval_every = 800
+    c.checkpoint_every = 200
     c.keep_checkpoints = 2
     c.parallelism = "shard_map"  # shard_map or pmap
     c.num_vis_images = 4

@@ -21,6 +21,7 @@ def get_config():
     c.proposals.post_nms_topk_train = 100
     c.proposals.pre_nms_topk_test = 200
     c.proposals.post_nms_topk_test = 100
+    c.optim.name = "sgd"
     c.optim.warmup_steps = 2
     c.batch_size = 8
     c.num_train_steps = 6

@@ -31,6 +31,8 @@ def get_config():
     c.proposals.post_nms_topk_test = 300
     c.proposals.min_size = 16.0
     c.loss.beta = 1.0 / 9.0  # py-faster-rcnn's rpn smooth-L1 sigma 3
+    c.loss.box_weight = 1.0
+    c.optim.name = "sgd"
     c.optim.learning_rate = 0.001
     c.optim.weight_decay = 5e-4
     c.optim.warmup_steps = 0
