@@ -26,10 +26,11 @@ def area(boxes: jax.Array) -> jax.Array:
 
 def _intersection_union(boxes1, boxes2):
     """Intersection and union of xyxy boxes broadcast against each other."""
-    lt = jnp.maximum(boxes1[..., :2], boxes2[..., :2])
-    rb = jnp.minimum(boxes1[..., 2:], boxes2[..., 2:])
-    wh = jnp.maximum(rb - lt, 0.0)
-    inter = wh[..., 0] * wh[..., 1]
+    # Coordinate by coordinate, with no [..., 2] intermediates: XLA CPU vectorises this form
+    # about 4x better inside the matcher's scan (benchmarks/targets.py); same values.
+    iw = jnp.minimum(boxes1[..., 2], boxes2[..., 2]) - jnp.maximum(boxes1[..., 0], boxes2[..., 0])
+    ih = jnp.minimum(boxes1[..., 3], boxes2[..., 3]) - jnp.maximum(boxes1[..., 1], boxes2[..., 1])
+    inter = jnp.maximum(iw, 0.0) * jnp.maximum(ih, 0.0)
     union = area(boxes1) + area(boxes2) - inter
     return inter, union
 

@@ -22,10 +22,14 @@ Where we differ from the peers, deliberately:
   background anchor lying mostly inside an ignored box becomes -1: intersection over the
   anchor's area ``>= ignore_iof``, as mmdetection's ``ignore_iof_thr``.
 
-Memory: the IoU matrix is never built whole for large inputs. Matching scans over chunks of
-ground truth keeping per-anchor running maxima; each chunk sees every anchor, so each ground
-truth's best IoU and its tied anchors come from one IoU evaluation. The result is exactly the
-unchunked one. All boxes are ``[x1, y1, x2, y2]`` in absolute pixels.
+Memory and speed: the IoU matrix is never built whole. Matching scans over chunks of anchors
+(small enough to stay in cache) against all ground truth, so each anchor's best IoU and its
+argmax are final within its chunk. A ground truth's best IoU over all anchors is only known
+after the scan; each chunk therefore records, as bits, which of its anchors attain the chunk's
+best IoU for each ground truth, and an anchor is a low-quality match iff it has such a bit for
+a ground truth whose chunk best equals its overall best. Every IoU is evaluated once, so the
+exact tie test never compares values rounded by two different computations. The result does
+not depend on the chunk size. All boxes are ``[x1, y1, x2, y2]`` in absolute pixels.
 """
 
 import jax
@@ -34,8 +38,10 @@ from jax import lax
 
 from jax_rpn import boxes as box_ops
 
-# Auto chunking: at most this many IoU values ([N, chunk] floats, 32 MiB) per scan step.
-_CHUNK_ELEMENTS = 1 << 23
+# Auto chunking: about this many IoU values ([chunk, G] floats, 1 MiB) per scan step, so a
+# chunk and its reductions stay in cache; measured fastest on XLA CPU (benchmarks/targets.py).
+_CHUNK_ELEMENTS = 1 << 18
+_MIN_CHUNK, _MAX_CHUNK = 256, 8192
 
 
 def check_thresholds(high: float, low: float) -> None:
@@ -60,9 +66,14 @@ def _check_inputs(anchors, gt_boxes, gt_valid, gt_ignore):
     box_ops.check_boxes(anchors, name="anchors")
 
 
-def auto_gt_chunk(num_anchors: int, num_gt: int) -> int:
-    """Ground-truth chunk size used when ``gt_chunk=None``: all of G if ``N * G`` is small."""
-    return int(min(max(num_gt, 1), max(1, _CHUNK_ELEMENTS // max(num_anchors, 1))))
+def auto_anchor_chunk(num_anchors: int, num_gt: int) -> int:
+    """Anchor chunk size used when ``anchor_chunk=None``: a power of two near
+    ``_CHUNK_ELEMENTS / G`` (G rounded up to 32), at most N rounded up to a multiple of 8."""
+    words = -(-max(num_gt, 1) // 32)
+    chunk = _CHUNK_ELEMENTS // (32 * words)
+    chunk = 1 << (max(chunk, 1).bit_length() - 1)  # power of two
+    chunk = min(max(chunk, _MIN_CHUNK), _MAX_CHUNK)
+    return int(min(chunk, -(-max(num_anchors, 1) // 8) * 8))
 
 
 def inside_image(anchors: jax.Array, image_hw, border: float) -> jax.Array:
@@ -81,62 +92,62 @@ def inside_image(anchors: jax.Array, image_hw, border: float) -> jax.Array:
     )
 
 
-def _scan_chunks(anchors, inside, gt_boxes, gt_use, gt_ign, chunk, with_ignore):
-    """Running per-anchor best IoU, argmax, low-quality flag and best ignored IoF."""
-    num_anchors, num_gt = anchors.shape[0], gt_boxes.shape[0]
-    num_chunks = -(-num_gt // chunk)
-    pad = num_chunks * chunk - num_gt
-    gt_boxes = jnp.pad(gt_boxes, ((0, pad), (0, 0)))
-    gt_use = jnp.pad(gt_use, (0, pad))
-    gt_ign = jnp.pad(gt_ign, (0, pad))
-    anchor_area = box_ops.area(anchors)  # [N]
+def _pack_bits(flags):
+    """bool ``[..., 32 W]`` -> uint32 ``[..., W]``; bit j of word w is ``flags[..., 32 w + j]``."""
+    words = flags.reshape(*flags.shape[:-1], -1, 32).astype(jnp.uint32)
+    return jnp.sum(words << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
 
-    def step(carry, xs):
-        best, arg, low_quality, ign_iof = carry
-        start, g_boxes, g_use, g_ign = xs  # [], [C, 4], [C], [C]
-        raw = box_ops.iou(anchors, g_boxes)  # [N, C]
-        usable = inside[:, None] & g_use[None, :]
+
+def _scan_chunks(anchors, inside, gt_boxes, gt_use, gt_ign, chunk, with_ignore):
+    """Per-anchor best IoU, argmax, low-quality flag and best ignored IoF (module doc)."""
+    num_anchors, num_gt = anchors.shape[0], gt_boxes.shape[0]
+    num_chunks = -(-num_anchors // chunk)
+    pad_n = num_chunks * chunk - num_anchors
+    width = 32 * -(-num_gt // 32)  # G rounded up to whole 32-bit words
+    pad_g = width - num_gt
+    # Padded anchors are outside and padded ground truth unusable: IoU -1 wherever they meet.
+    anchors = jnp.pad(anchors, ((0, pad_n), (0, 0))).reshape(num_chunks, chunk, 4)
+    inside = jnp.pad(inside, (0, pad_n)).reshape(num_chunks, chunk)
+    gt_boxes = jnp.pad(gt_boxes, ((0, pad_g), (0, 0)))  # [Gw, 4]
+    gt_use = jnp.pad(gt_use, (0, pad_g))
+    gt_ign = jnp.pad(gt_ign, (0, pad_g))
+    g_area = box_ops.area(gt_boxes)  # [Gw]
+    cols = jnp.arange(width, dtype=jnp.int32)
+
+    def step(_, xs):
+        a, a_inside = xs  # [C, 4], [C]
+        raw = box_ops.iou(a, gt_boxes)  # [C, Gw]
+        usable = a_inside[:, None] & gt_use[None, :]
         # Materialised once: every reduction below reads the same bits (a recomputed IoU in
         # another fusion may round differently and break the exact tie test).
-        iou = lax.optimization_barrier(jnp.where(usable, raw, -1.0))  # [N, C]
-        chunk_best = jnp.max(iou, axis=1)  # [N]
+        iou = lax.optimization_barrier(jnp.where(usable, raw, -1.0))  # [C, Gw]
+        best = jnp.max(iou, axis=1)  # [C]
         # First index attaining the max (argmax's tie rule, and faster than argmax on CPU).
-        cols = jnp.arange(iou.shape[1], dtype=jnp.int32)
-        chunk_arg = jnp.min(jnp.where(iou == chunk_best[:, None], cols, iou.shape[1]), axis=1)
-        chunk_arg = chunk_arg + start  # [N]
-        better = chunk_best > best  # strict: the earlier chunk wins ties, like argmax
-        best = jnp.where(better, chunk_best, best)
-        arg = jnp.where(better, chunk_arg, arg)
-        # Each chunk holds every anchor, so a ground truth's best IoU is complete here.
-        gt_best = jnp.max(iou, axis=0)  # [C]
-        ties = (iou == gt_best[None, :]) & (gt_best[None, :] > 0.0)  # [N, C]
-        low_quality = low_quality | jnp.any(ties, axis=1)
+        arg = jnp.min(jnp.where(iou == best[:, None], cols, width), axis=1)  # [C]
+        chunk_best = jnp.max(iou, axis=0)  # [Gw]
+        ties = _pack_bits(iou == chunk_best[None, :])  # [C, W]
         if with_ignore:
             # Intersection from IoU: inter = iou * (a1 + a2) / (1 + iou).
-            g_area = box_ops.area(g_boxes)  # [C]
-            inter = raw * (anchor_area[:, None] + g_area[None, :]) / (1.0 + raw)  # [N, C]
-            safe_area = jnp.where(anchor_area > 0, anchor_area, 1.0)[:, None]
-            iof = jnp.where(g_ign[None, :] & (anchor_area[:, None] > 0), inter / safe_area, 0.0)
-            ign_iof = jnp.maximum(ign_iof, jnp.max(iof, axis=1))
-        return (best, arg, low_quality, ign_iof), None
+            a_area = box_ops.area(a)  # [C]
+            inter = raw * (a_area[:, None] + g_area[None, :]) / (1.0 + raw)  # [C, Gw]
+            safe_area = jnp.where(a_area > 0, a_area, 1.0)[:, None]
+            iof = jnp.where(gt_ign[None, :] & (a_area[:, None] > 0), inter / safe_area, 0.0)
+            ign_iof = jnp.max(iof, axis=1)  # [C]
+        else:
+            ign_iof = jnp.zeros_like(best)
+        return None, (best, arg, chunk_best, ties, ign_iof)
 
-    init = (
-        jnp.full((num_anchors,), -1.0, jnp.float32),
-        jnp.zeros((num_anchors,), jnp.int32),
-        jnp.zeros((num_anchors,), bool),
-        jnp.zeros((num_anchors,), jnp.float32),
-    )
-    xs = (
-        jnp.arange(num_chunks, dtype=jnp.int32) * chunk,
-        gt_boxes.reshape(num_chunks, chunk, 4),
-        gt_use.reshape(num_chunks, chunk),
-        gt_ign.reshape(num_chunks, chunk),
-    )
-    if num_chunks == 1:
-        carry, _ = step(init, jax.tree.map(lambda x: x[0], xs))
-    else:
-        carry, _ = lax.scan(step, init, xs)
-    return carry
+    _, (best, arg, chunk_best, ties, ign_iof) = lax.scan(step, None, (anchors, inside))
+    # chunk_best [K, Gw], ties [K, C, W]. A ground truth's overall best, and the chunks that
+    # reach it; an anchor tied at its chunk's best there is tied at the overall best.
+    gt_best = jnp.max(chunk_best, axis=0)  # [Gw]
+    reached = _pack_bits((chunk_best == gt_best[None, :]) & (gt_best[None, :] > 0.0))  # [K, W]
+    low_quality = jnp.any((ties & reached[:, None, :]) != 0, axis=-1)  # [K, C]
+
+    def flat(x):
+        return x.reshape(-1)[:num_anchors]  # [N]
+
+    return flat(best), flat(arg), flat(low_quality), flat(ign_iof)
 
 
 def match(
@@ -151,7 +162,7 @@ def match(
     ignore_iof: float | None = None,
     image_hw=None,
     border: float | None = None,
-    gt_chunk: int | None = None,
+    anchor_chunk: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Match xyxy ``anchors [N, 4]`` to padded xyxy ``gt_boxes [G, 4]``.
 
@@ -169,7 +180,7 @@ def match(
         ``border``.
       border: None (off) or the straddle tolerance in pixels (py-faster-rcnn uses 0); anchors
         going out of the image by more than it are excluded and labelled -1.
-      gt_chunk: ground-truth boxes per scan step; None picks it from N (``auto_gt_chunk``).
+      anchor_chunk: anchors per scan step; None picks it from G (``auto_anchor_chunk``).
 
     Returns:
       ``matched_gt`` int32 ``[N]``: index of the best valid ground truth (first on ties); 0 for
@@ -185,8 +196,8 @@ def match(
             raise ValueError(f"border must be None (off) or >= 0 pixels, got {border}")
         if image_hw is None:
             raise ValueError("border needs image_hw = (height, width)")
-    if gt_chunk is not None and (int(gt_chunk) != gt_chunk or gt_chunk < 1):
-        raise ValueError(f"gt_chunk must be None or a positive integer, got {gt_chunk}")
+    if anchor_chunk is not None and (int(anchor_chunk) != anchor_chunk or anchor_chunk < 1):
+        raise ValueError(f"anchor_chunk must be None or a positive integer, got {anchor_chunk}")
     anchors = jnp.asarray(anchors, jnp.float32)
     gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
     gt_valid = jnp.asarray(gt_valid).astype(bool)
@@ -208,9 +219,9 @@ def match(
         gt_ign = gt_use & gt_ignore
         gt_use = gt_use & ~gt_ignore
     with_ignore = gt_ignore is not None and ignore_iof is not None
-    chunk = auto_gt_chunk(num_anchors, num_gt) if gt_chunk is None else int(gt_chunk)
+    chunk = auto_anchor_chunk(num_anchors, num_gt) if anchor_chunk is None else int(anchor_chunk)
     best, matched_gt, low_quality, ign_iof = _scan_chunks(
-        anchors, inside, gt_boxes, gt_use, gt_ign, min(chunk, num_gt), with_ignore
+        anchors, inside, gt_boxes, gt_use, gt_ign, min(chunk, num_anchors), with_ignore
     )
 
     labels = jnp.where(best >= high, 1, jnp.where(best >= low, -1, 0))  # [N]

@@ -29,7 +29,7 @@ def anchor_targets(
     ignore_iof: float | None = None,
     image_hw=None,
     border: float | None = None,
-    gt_chunk: int | None = None,
+    anchor_chunk: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Labels and regression targets of one image's anchors.
 
@@ -57,7 +57,7 @@ def anchor_targets(
         ignore_iof=ignore_iof,
         image_hw=image_hw,
         border=border,
-        gt_chunk=gt_chunk,
+        anchor_chunk=anchor_chunk,
     )
     labels = sampling.sample_labels(
         key, labels, num_samples=num_samples, positive_fraction=positive_fraction

@@ -10,7 +10,7 @@ from jax_rpn import matching
 
 match_jit = jax.jit(
     matching.match,
-    static_argnames=("high", "low", "allow_low_quality", "ignore_iof", "border", "gt_chunk"),
+    static_argnames=("high", "low", "allow_low_quality", "ignore_iof", "border", "anchor_chunk"),
 )
 
 
@@ -117,7 +117,7 @@ def test_argmax_ties_between_gt_pick_first_also_across_chunks():
     anchors = np.array([[0, 0, 10, 10]], np.float32)
     gt = np.array([[0, 0, 10, 5], [0, 5, 10, 10], [0, 0, 10, 5]], np.float32)
     for chunk in (1, 2, 3):
-        matched, labels = match_jit(anchors, gt, np.ones(3, bool), gt_chunk=chunk)
+        matched, labels = match_jit(anchors, gt, np.ones(3, bool), anchor_chunk=chunk)
         # IoU 0.5 is in [low, high) but it is each box's best anchor: low-quality positive.
         assert int(matched[0]) == 0 and int(labels[0]) == 1
 
@@ -230,7 +230,7 @@ def test_against_numpy_detectron2_matcher(seed, high, low, allow):
     valid = rng.random(12) < 0.7
     want_matched, want_labels = _reference(anchors, gt, valid, high, low, allow)
     matched, labels = match_jit(
-        anchors, gt, valid, high=high, low=low, allow_low_quality=allow, gt_chunk=5
+        anchors, gt, valid, high=high, low=low, allow_low_quality=allow, anchor_chunk=5
     )
     np.testing.assert_array_equal(labels, want_labels)
     np.testing.assert_array_equal(matched, want_matched)
@@ -245,14 +245,15 @@ def test_chunked_equals_direct(seed, monkeypatch):
     gt[5] = anchors[10]  # exact IoU 1
     gt[6] = gt[7]  # duplicate ground truth: argmax ties across chunks
     valid = rng.random(len(gt)) < 0.9
-    direct = match_jit(anchors, gt, valid, gt_chunk=len(gt))
+    direct = match_jit(anchors, gt, valid, anchor_chunk=len(anchors))
     for chunk in (1, 7, 44):
-        chunked = match_jit(anchors, gt, valid, gt_chunk=chunk)
+        chunked = match_jit(anchors, gt, valid, anchor_chunk=chunk)
         np.testing.assert_array_equal(chunked[0], direct[0], err_msg=f"chunk {chunk}")
         np.testing.assert_array_equal(chunked[1], direct[1], err_msg=f"chunk {chunk}")
-    # The automatic choice chunks once N * G exceeds its budget.
-    monkeypatch.setattr(matching, "_CHUNK_ELEMENTS", len(anchors) * 5)
-    assert matching.auto_gt_chunk(len(anchors), len(gt)) == 5
+    # The automatic choice: a power of two near the budget over G rounded up to 32 (64 here).
+    monkeypatch.setattr(matching, "_CHUNK_ELEMENTS", 64 * 16)
+    monkeypatch.setattr(matching, "_MIN_CHUNK", 8)
+    assert matching.auto_anchor_chunk(len(anchors), len(gt)) == 16
     auto = matching.match(anchors, gt, valid)
     np.testing.assert_array_equal(auto[1], direct[1])
     np.testing.assert_array_equal(auto[0], direct[0])
@@ -263,7 +264,9 @@ def test_vmap_over_batch_of_padded_gt():
     anchors = _grid_anchors()
     gt = np.stack([_int_boxes(rng, 6) for _ in range(3)])
     valid = rng.random((3, 6)) < 0.7
-    batched = jax.jit(jax.vmap(lambda g, v: matching.match(anchors, g, v, gt_chunk=2)))(gt, valid)
+    batched = jax.jit(jax.vmap(lambda g, v: matching.match(anchors, g, v, anchor_chunk=7)))(
+        gt, valid
+    )
     for i in range(3):
         want_matched, want_labels = _reference(anchors, gt[i], valid[i])
         np.testing.assert_array_equal(batched[1][i], want_labels)
@@ -278,7 +281,7 @@ def test_vmap_over_batch_of_padded_gt():
         ({"low": -0.1}, "low"),
         ({"border": -1.0, "image_hw": (10, 10)}, "border"),
         ({"border": 0.0}, "image_hw"),
-        ({"gt_chunk": 0}, "gt_chunk"),
+        ({"anchor_chunk": 0}, "anchor_chunk"),
         ({"ignore_iof": 0.0}, "ignore_iof"),
     ],
 )
@@ -298,3 +301,24 @@ def test_bad_shapes_raise():
         matching.match(ANCHORS, GT, np.array([True, True]), gt_ignore=np.array([True]))
     with pytest.raises(ValueError, match="anchors"):
         matching.match(ANCHORS[:, [2, 1, 0, 3]], GT, np.array([True, True]))  # x2 < x1
+
+
+def test_low_quality_ties_between_translated_anchors_on_float_boxes():
+    # Every 8x8 anchor lying inside the ground truth has IoU exactly 64 / area(gt) (the same
+    # float in IEEE arithmetic, as numpy and PyTorch give); all of them tie for the box's best
+    # IoU, so all are low-quality positives, whatever rounding XLA's fused IoU could introduce.
+    cells = np.array([[-4.0, -4.0, 4.0, 4.0]], np.float32)
+    from jax_rpn import anchors as anchor_ops
+
+    grid = anchor_ops.grid_anchors((16, 16), 4, cells, offset=0.5)  # [256, 4], centres 2, 6, ..
+    gt = np.array([[10.3, 7.7, 50.9, 41.1]], np.float32)
+    inside = (
+        (grid[:, 0] >= gt[0, 0])
+        & (grid[:, 1] >= gt[0, 1])
+        & (grid[:, 2] <= gt[0, 2])
+        & (grid[:, 3] <= gt[0, 3])
+    )
+    assert inside.sum() > 20
+    for chunk in (None, 7):
+        _, labels = match_jit(grid, gt, np.ones(1, bool), anchor_chunk=chunk)
+        np.testing.assert_array_equal(np.asarray(labels) == 1, inside)
