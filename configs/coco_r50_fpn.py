@@ -14,7 +14,6 @@ def get_config():
     c.data.max_size = 1333
     c.data.pad_to = (1344, 1344)
     c.data.max_boxes = 100
-    c.data.num_eval_images = None
     c.model.backbone = "resnet50"
     c.model.width = 64
     c.model.norm = "frozen_bn"  # detectron2: FrozenBN over ImageNet-pretrained weights
@@ -25,6 +24,8 @@ def get_config():
     c.proposals.post_nms_topk_train = 1000
     c.proposals.pre_nms_topk_test = 1000
     c.proposals.post_nms_topk_test = 1000
+    c.targets.high = 0.7
+    c.proposals.nms_threshold = 0.7
     c.loss.box_weight = 1.0
     c.optim.name = "sgd"
     c.optim.learning_rate = 0.02

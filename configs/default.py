@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.hflip = True
     c.data.ignore_difficult = True  # VOC "difficult" / COCO crowd: ignored in targets and recall
     c.data.num_workers = 0  # grain worker processes (0 = in-process)
-    c.data.num_eval_images = 200  # None = the whole eval split
+    c.data.num_eval_images = ml_collections.config_dict.placeholder(int)  # None: whole split
 
     # Model (jax_rpn.models).
     c.model = ml_collections.ConfigDict()
@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Targets (jax_rpn.matching, jax_rpn.sampling, jax_rpn.boxes).
     c.targets = ml_collections.ConfigDict()
-    c.targets.high = 0.7
+    c.targets.high = 0.6  # detectron2: 0.7; 0.6 gives ~2.7x the positives, faster learning here
     c.targets.low = 0.3
     c.targets.allow_low_quality = True
     c.targets.num_samples = 256
@@ -62,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.box = "smooth_l1"  # smooth_l1, giou
     c.loss.beta = 0.0  # smooth-L1 beta (0 = L1), detectron2's RPN default
-    c.loss.box_weight = 3.0
+    c.loss.box_weight = 2.0
 
     # Proposals (jax_rpn.proposals).
     c.proposals = ml_collections.ConfigDict()
@@ -70,13 +70,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.proposals.post_nms_topk_train = 1000
     c.proposals.pre_nms_topk_test = 1000
     c.proposals.post_nms_topk_test = 1000
-    c.proposals.nms_threshold = 0.7
+    c.proposals.nms_threshold = 0.65  # detectron2: 0.7; only proposals (eval) use it here
     c.proposals.min_size = 0.0
 
     # Optimisation (jax_rpn.training).
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"  # sgd (momentum) or adamw; AdamW learns faster from scratch
-    c.optim.learning_rate = 0.003
+    c.optim.learning_rate = 0.002
     c.optim.momentum = 0.9
     c.optim.weight_decay = 1e-4  # not applied to norms and biases
     c.optim.warmup_steps = 50
@@ -87,10 +87,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Loop.
     c.batch_size = 8  # global, divided over devices
-    c.num_train_steps = 800
+    c.num_train_steps = 1250
     c.log_every = 50
-    c.eval_every = 800
-    c.checkpoint_every = 200
+    c.eval_every = 1250
+    c.checkpoint_every = 250
     c.keep_checkpoints = 2
     c.parallelism = "shard_map"  # shard_map or pmap
     c.num_vis_images = 4

@@ -16,7 +16,6 @@ def get_config():
     c.data.max_size = 1000
     c.data.pad_to = (1008, 1008)
     c.data.max_boxes = 64
-    c.data.num_eval_images = None
     c.model.backbone = "vgg16"
     c.model.width = 64
     c.model.fpn = False
@@ -31,6 +30,8 @@ def get_config():
     c.proposals.post_nms_topk_test = 300
     c.proposals.min_size = 16.0
     c.loss.beta = 1.0 / 9.0  # py-faster-rcnn's rpn smooth-L1 sigma 3
+    c.targets.high = 0.7
+    c.proposals.nms_threshold = 0.7
     c.loss.box_weight = 1.0
     c.optim.name = "sgd"
     c.optim.learning_rate = 0.001
