@@ -137,6 +137,7 @@ def main(argv=None) -> dict:
     config = tiny.get_config()
     config.data.name, config.data.data_dir = args.data_name, args.data_dir
     config.batch_size, config.seed = args.batch_size, args.seed
+    config.model.norm = "frozen_bn"  # fixed statistics: the place for pretrained weights
     num_classes = len(pipeline.dataset_info(config).class_names)
     model = TwoStage(ml_collections.FrozenConfigDict(config), num_classes)
     batches = pipeline.create_train_iterator(config)

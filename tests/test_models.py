@@ -382,7 +382,7 @@ def test_rpn_forward_gradients_and_one_compile(fpn_model):
     assert not np.allclose(flat.objectness[0], flat.objectness[1])
 
     # Shapes and anchors of the flattened outputs.
-    a = 3  # one size x 3 ratios per level
+    a = len(config.anchors.sizes[0]) * len(config.anchors.aspect_ratios)
     hws = [(64 // s, 64 // s) for s in config.anchors.strides]
     n = sum(h * w * a for h, w in hws)
     assert flat.objectness.shape == (2, n) and flat.objectness.dtype == jnp.float32

@@ -52,7 +52,14 @@ def test_loss_matches_targets_and_losses(setup):
     t = config.targets
     labels, box_targets = jax.vmap(
         lambda k, b, v: targets.anchor_targets(
-            k, flat.anchors, b, v, num_samples=t.num_samples, positive_fraction=t.positive_fraction
+            k,
+            flat.anchors,
+            b,
+            v,
+            high=t.high,
+            low=t.low,
+            num_samples=t.num_samples,
+            positive_fraction=t.positive_fraction,
         )
     )(keys, batch["boxes"], batch["valid"] & ~batch["ignore"])
     parts = losses.rpn_losses(
@@ -63,7 +70,8 @@ def test_loss_matches_targets_and_losses(setup):
         num_samples=t.num_samples,
         objectness_kind=config.model.objectness,
     )
-    np.testing.assert_allclose(loss, parts["objectness"] + parts["box"], rtol=1e-5)
+    expected = parts["objectness"] + config.loss.box_weight * parts["box"]
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
     np.testing.assert_allclose(metrics["num_positive"], (labels == 1).sum() / 2)
     np.testing.assert_allclose(metrics["num_negative"], (labels == 0).sum() / 2)
     assert metrics["num_positive"] > 0 and metrics["nonfinite_outputs"] == 0
