@@ -79,19 +79,6 @@ def random_batch(config, seed: int = 0) -> dict:
     }
 
 
-def _features(module, images):
-    """Backbone + neck of an RPN module (its ``__call__`` up to the head), train mode."""
-    x = images.astype(jnp.float32)
-    if module.pixel_mean is not None:
-        x = x - jnp.asarray(module.pixel_mean, jnp.float32)
-    if module.pixel_std is not None:
-        x = x / jnp.asarray(module.pixel_std, jnp.float32)
-    features = module.body(x.astype(module.dtype), train=True)
-    if module.neck is not None:
-        features = module.neck(features)
-    return [features[name] for name in module.levels]
-
-
 def make_partial_step(config, model, tx, *, upto: str):
     """Per-device step like ``make_train_step`` but with a dummy loss (mean of squares) on the
     backbone + neck features (``upto="features"``) or on the head outputs (``"head"``)."""
@@ -104,7 +91,7 @@ def make_partial_step(config, model, tx, *, upto: str):
             variables = {"params": params, **state.model_state}
             if upto == "features":
                 outputs, new_model_state = model.apply(
-                    variables, batch["image"], method=_features, mutable=mutable
+                    variables, batch["image"], train=True, method="features", mutable=mutable
                 )
             else:
                 out, new_model_state = model.apply(

@@ -255,13 +255,9 @@ class RPN(nn.Module):
             )
         return h, w
 
-    def __call__(self, images: jax.Array, *, train: bool) -> RPNOutput:
-        """``images`` ``[B, H, W, 3]`` (H, W divisible by the largest stride) -> RPNOutput.
-
-        ``train`` selects batch statistics for ``batch_norm`` (then apply with
-        ``mutable=["batch_stats"]``); other norms ignore it.
-        """
-        h, w = self._check_images(images)
+    def features(self, images: jax.Array, *, train: bool) -> list[jax.Array]:
+        """Backbone (+ FPN) maps the head runs on, ``[B, Hl, Wl, C]`` in the order of
+        ``strides`` (call with ``model.apply(..., method="features")``)."""
         x = images.astype(jnp.float32)
         if self.pixel_mean is not None:
             x = x - jnp.asarray(self.pixel_mean, jnp.float32)
@@ -270,7 +266,16 @@ class RPN(nn.Module):
         features = self.body(x.astype(self.dtype), train=train)
         if self.neck is not None:
             features = self.neck(features)
-        maps = [features[name] for name in self.levels]
+        return [features[name] for name in self.levels]
+
+    def __call__(self, images: jax.Array, *, train: bool) -> RPNOutput:
+        """``images`` ``[B, H, W, 3]`` (H, W divisible by the largest stride) -> RPNOutput.
+
+        ``train`` selects batch statistics for ``batch_norm`` (then apply with
+        ``mutable=["batch_stats"]``); other norms ignore it.
+        """
+        h, w = self._check_images(images)
+        maps = self.features(images, train=train)
         hws = [tuple(f.shape[1:3]) for f in maps]
         expected = [(h // s, w // s) for s in self.feature_strides]
         if hws != expected:
