@@ -19,10 +19,11 @@ For each config (``configs/default.py`` as it is; ``configs/coco_r50_fpn.py`` at
   resident memory of the cold subprocess (imports, state, compile and one step).
 
 Run from the repository root: ``python benchmarks/train_step.py`` (``--quick``: the default
-config only, fewer steps).
+config only, fewer steps; ``--set model.head_dim=16``, repeatable: change a config field).
 """
 
 import argparse
+import ast
 import importlib
 import json
 import os
@@ -49,13 +50,24 @@ CONFIGS = {
 }
 
 
-def load_config(name: str):
+def load_config(name: str, settings: tuple[str, ...] = ()):
+    """The named config with its CPU-size overrides, then ``settings`` ("field.path=value",
+    the value parsed as a Python literal, e.g. ``model.head_dim=16``) applied."""
     module, overrides = CONFIGS[name]
     config = importlib.import_module(module).get_config()
     if "pad_to" in overrides:
         config.data.pad_to = overrides["pad_to"]
     if "batch_size" in overrides:
         config.batch_size = overrides["batch_size"]
+    for setting in settings:
+        path, sep, value = setting.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects field.path=value, got {setting!r}")
+        *parents, field = path.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[field] = ast.literal_eval(value)
     return config
 
 
@@ -147,10 +159,10 @@ def set_cache(cache_dir: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def compile_only(name: str, cache_dir: str) -> dict:
+def compile_only(name: str, cache_dir: str, settings: tuple[str, ...] = ()) -> dict:
     """In this process: build the full step, time ``lower`` and ``compile``, run one step."""
     set_cache(cache_dir)
-    config = load_config(name)
+    config = load_config(name, settings)
     step, state, batch = build(config)
     before = len(os.listdir(cache_dir)) if os.path.isdir(cache_dir) else 0
     start = time.perf_counter()
@@ -169,9 +181,9 @@ def compile_only(name: str, cache_dir: str) -> dict:
     }
 
 
-def compile_in_subprocess(name: str, cache_dir: str) -> dict:
+def compile_in_subprocess(name: str, cache_dir: str, settings: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--compile-only", name]
-    cmd += ["--cache-dir", cache_dir]
+    cmd += ["--cache-dir", cache_dir] + [f"--set={s}" for s in settings]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, check=False)
     if proc.returncode != 0:
@@ -190,11 +202,13 @@ def step_fn(step, state, batch):
     return one
 
 
-def bench_config(name: str, *, repeats: int, warmup: int, cache_root: str) -> dict:
-    config = load_config(name)
+def bench_config(
+    name: str, *, repeats: int, warmup: int, cache_root: str, settings: tuple[str, ...] = ()
+) -> dict:
+    config = load_config(name, settings)
     cache_dir = os.path.join(cache_root, name)
-    cold = compile_in_subprocess(name, cache_dir)
-    warm = compile_in_subprocess(name, cache_dir)
+    cold = compile_in_subprocess(name, cache_dir, settings)
+    warm = compile_in_subprocess(name, cache_dir, settings)
     set_cache(cache_dir)  # the full step below then loads from the warm cache
 
     calls = {}
@@ -235,19 +249,34 @@ def main():
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="default config, 4 rounds")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a config field in every config, e.g. --set model.head_dim=16",
+    )
     parser.add_argument("--compile-only", metavar="CONFIG", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compile_only:
-        print(json.dumps(compile_only(args.compile_only, args.cache_dir)))
+        print(json.dumps(compile_only(args.compile_only, args.cache_dir, tuple(args.set))))
         return
     if args.quick:
         args.configs, args.repeats = ["default"], 4
     print(f"machine: {common.machine()}")
+    if args.set:
+        print(f"config changes: {', '.join(args.set)}")
     results = []
     with tempfile.TemporaryDirectory(prefix="jax_rpn_bench_cache_") as cache_root:
         for name in args.configs:
-            result = bench_config(name, repeats=args.repeats, warmup=1, cache_root=cache_root)
+            result = bench_config(
+                name,
+                repeats=args.repeats,
+                warmup=1,
+                cache_root=cache_root,
+                settings=tuple(args.set),
+            )
             results.append(result)
             print(json.dumps(results[-1]))
 
