@@ -19,7 +19,8 @@ For each config (``configs/default.py`` as it is; ``configs/coco_r50_fpn.py`` at
   resident memory of the cold subprocess (imports, state, compile and one step).
 
 Run from the repository root: ``python benchmarks/train_step.py`` (``--quick``: the default
-config only, fewer steps; ``--set model.head_dim=16``, repeatable: change a config field).
+config only, fewer steps; ``--set model.head_dim=16``, repeatable: change a config field;
+``--cpu-devices 2``: split the CPU into devices as ``train.py`` does by default).
 """
 
 import argparse
@@ -184,6 +185,7 @@ def compile_only(name: str, cache_dir: str, settings: tuple[str, ...] = ()) -> d
 def compile_in_subprocess(name: str, cache_dir: str, settings: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--compile-only", name]
     cmd += ["--cache-dir", cache_dir] + [f"--set={s}" for s in settings]
+    cmd += [f"--cpu-devices={jax.config.jax_num_cpu_devices}"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, check=False)
     if proc.returncode != 0:
@@ -256,9 +258,16 @@ def main():
         metavar="FIELD=VALUE",
         help="override a config field in every config, e.g. --set model.head_dim=16",
     )
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=1,
+        help="split the CPU into this many devices, as train.py does (--cpu_devices)",
+    )
     parser.add_argument("--compile-only", metavar="CONFIG", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.compile_only:
         print(json.dumps(compile_only(args.compile_only, args.cache_dir, tuple(args.set))))
         return

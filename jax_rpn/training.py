@@ -268,6 +268,14 @@ class Trainer:
         metrics_file = open(os.path.join(self.workdir, "metrics.jsonl"), "a") if lead else None
         if resumed and lead:
             print(f"Resumed from checkpoint at step {start} in {self.workdir}", flush=True)
+        if lead:
+            devices = jax.devices()
+            print(
+                f"Training on {len(devices)} {devices[0].platform} device(s) in "
+                f"{jax.process_count()} process(es), "
+                f"{config.batch_size // len(devices)} images per device",
+                flush=True,
+            )
         bar = tqdm(
             total=config.num_train_steps,
             initial=start,

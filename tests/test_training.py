@@ -120,6 +120,21 @@ def test_invalid_config_names_the_field(field, value, match):
         config_checks.validate(_config(**{field: value}))
 
 
+@pytest.mark.parametrize(
+    "batch, cores, expected", [(8, 2, 2), (8, 3, 2), (8, 16, 8), (6, 4, 3), (7, 2, 1), (8, 1, 1)]
+)
+def test_cpu_devices_for_is_the_largest_divisor_up_to_the_cores(batch, cores, expected):
+    # Hand-computed: the largest d <= cores with batch % d == 0.
+    assert parallel.cpu_devices_for(batch, cpu_count=cores) == expected
+
+
+def test_cpu_devices_for_rejects_bad_input():
+    with pytest.raises(ValueError, match="batch_size"):
+        parallel.cpu_devices_for(0, cpu_count=2)
+    with pytest.raises(ValueError, match="cpu_count"):
+        parallel.cpu_devices_for(8, cpu_count=0)
+
+
 # End to end: train.py in subprocesses on the embedded data ------------------------------
 
 
@@ -137,13 +152,14 @@ def _train_cmd(workdir, data_dir, *extra):
         "--config.checkpoint_every=4",
         "--config.log_every=2",
         "--config.data.num_eval_images=8",
+        "--cpu_devices=2",
         *extra,
     ]
 
 
 def _env(cache_dir):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env.pop("XLA_FLAGS", None)  # conftest's 4 devices; train.py splits the CPU (--cpu_devices)
     env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
     env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
     env["PYTHONPATH"] = ROOT
@@ -181,6 +197,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, shapes_dir):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "AR@100" in done.stdout  # the final recall table
+    assert "Training on 2 cpu device(s)" in done.stdout  # --cpu_devices took effect
     for name in ("metrics.jsonl", "tensorboard", "eval"):
         assert os.path.exists(full / name), name
     assert any(f.startswith("proposals_") for f in os.listdir(full / "eval"))
