@@ -34,6 +34,7 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "effect on GPU/TPU devices). Default: the largest divisor of batch_size up to the core "
     "count. Not applied with --distributed or when XLA_FLAGS sets "
     "--xla_force_host_platform_device_count.",
+    lower_bound=1,
 )
 
 
