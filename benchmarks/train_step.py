@@ -14,7 +14,9 @@ For each config (``configs/default.py`` as it is; ``configs/coco_r50_fpn.py`` at
   features (head, anchors, targets and RPN losses dropped; optimizer update kept), and with a
   dummy loss on the head outputs (targets and RPN losses dropped). Overhead = 1 - time of the
   features-only step / time of the full step; the second variant splits it into head vs
-  targets + losses.
+  targets + losses. The same shares of XLA's FLOP count (``cost_analysis``) are printed
+  beside them: where time and FLOP shares agree, the share is bound by arithmetic, not by
+  how it is compiled.
 - memory: the XLA temporary buffers of the compiled step (``memory_analysis``), and the peak
   resident memory of the cold subprocess (imports, state, compile and one step).
 
@@ -193,6 +195,13 @@ def compile_in_subprocess(name: str, cache_dir: str, settings: tuple[str, ...] =
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def compiled_flops(compiled) -> float:
+    """Floating-point operations of one call of a compiled step, by XLA's cost analysis."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # a list of one dict on older jax
+    return float(cost["flops"])
+
+
 def step_fn(step, state, batch):
     """A no-argument call of ``step`` that threads the state from one call to the next."""
     holder = {"state": state}
@@ -213,11 +222,13 @@ def bench_config(
     warm = compile_in_subprocess(name, cache_dir, settings)
     set_cache(cache_dir)  # the full step below then loads from the warm cache
 
-    calls = {}
+    calls, flops = {}, {}
     for variant in ("full", "features", "head"):
         step, state, batch = build(config, variant=variant)
-        common.block(step(state, batch))  # compile + first step
-        calls[variant] = step_fn(step, state, batch)
+        compiled = step.lower(state, batch).compile()
+        flops[variant] = compiled_flops(compiled)
+        common.block(compiled(state, batch))  # first step
+        calls[variant] = step_fn(compiled, state, batch)
     # Interleaved, so load changes on the shared machine hit the three variants alike.
     times = common.time_interleaved(calls, repeats=repeats, warmup=warmup)
 
@@ -236,6 +247,9 @@ def bench_config(
         "rpn_overhead": 1.0 - feat / full,
         "head_share": (head - feat) / full,
         "targets_loss_share": 1.0 - head / full,
+        "step_gflop": flops["full"] / 1e9,
+        "rpn_overhead_flops": 1.0 - flops["features"] / flops["full"],
+        "head_share_flops": (flops["head"] - flops["features"]) / flops["full"],
         "compile_cold_s": cold["lower_s"] + cold["compile_s"],
         "compile_cold_xla_s": cold["compile_s"],
         "compile_warm_s": warm["lower_s"] + warm["compile_s"],
@@ -313,19 +327,25 @@ def main():
             ],
         )
     )
-    print("\nShare of the step outside backbone + neck")
+    print("\nShare of the step outside backbone + neck: time, and XLA's FLOP count in brackets")
     print(
         common.table(
-            ["config", "full step s", "backbone+neck step s", "+ head step s"]
+            ["config", "full step s", "backbone+neck step s", "+ head step s", "step GFLOP"]
             + ["RPN overhead", "of which head", "of which targets + losses"],
             [
                 [r["config"], r["step_s"], r["features_step_s"], r["head_step_s"]]
-                + [f"{100 * r['rpn_overhead']:.1f}%", f"{100 * r['head_share']:.1f}%"]
-                + [f"{100 * r['targets_loss_share']:.1f}%"]
+                + [f"{r['step_gflop']:.1f}"]
+                + [share(r["rpn_overhead"], r["rpn_overhead_flops"])]
+                + [share(r["head_share"], r["head_share_flops"])]
+                + [share(r["targets_loss_share"], r["rpn_overhead_flops"] - r["head_share_flops"])]
                 for r in results
             ],
         )
     )
+
+
+def share(time_fraction: float, flop_fraction: float) -> str:
+    return f"{100 * time_fraction:.1f}% ({100 * flop_fraction:.1f}%)"
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ def get_config():
     c.model.width = 64
     c.model.norm = "frozen_bn"  # detectron2: FrozenBN over ImageNet-pretrained weights
     c.model.fpn_dim = 256
+    c.model.head_convs = 1  # detectron2's StandardRPNHead: one shared 3x3 conv + ReLU
     c.model.head_dim = 256
     c.anchors.sizes = ((32,), (64,), (128,), (256,), (512,))
     c.proposals.pre_nms_topk_train = 2000

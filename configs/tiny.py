@@ -13,7 +13,6 @@ def get_config():
     c.data.num_eval_images = 16
     c.model.width = 8
     c.model.fpn_dim = 16
-    c.model.head_dim = 16
     c.anchors.strides = (4, 8, 16, 32, 64)
     c.anchors.sizes = ((8,), (16,), (32,), (64,), (128,))
     c.targets.num_samples = 64

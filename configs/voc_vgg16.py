@@ -20,6 +20,7 @@ def get_config():
     c.model.width = 64
     c.model.fpn = False
     c.model.norm = "none"  # the paper's VGG-16 has no normalisation
+    c.model.head_convs = 1  # the paper's 3x3 "intermediate layer" + ReLU
     c.model.head_dim = 512
     c.anchors.strides = (16,)
     c.anchors.sizes = ((128, 256, 512),)

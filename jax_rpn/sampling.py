@@ -4,12 +4,16 @@ detectron2's ``subsample_labels`` / torchvision's ``BalancedPositiveNegativeSamp
 ``min(#pos, int(num_samples * positive_fraction))`` positives and
 ``min(#neg, num_samples - kept positives)`` negatives, each a uniformly random subset of its
 candidates. Instead of ``randperm`` over a data-dependent number of candidates, every anchor
-draws a random 32-bit priority and the k highest-priority candidates are kept. The k-th
-largest priority is found by a 32-step radix search (one masked count over N per bit), which
-on CPU is several times faster than ``lax.top_k`` or a permutation over ~270k anchors; shapes
-never depend on the data.
+draws a random 31-bit priority and the k highest-priority candidates are kept. The k-th
+largest priority is found by interpolation search: the priorities are uniform, so the
+threshold whose count is k can be interpolated from the counts at the ends of the current
+bracket, and each step costs one masked count over N; a bisection step every
+``_BISECT_EVERY`` steps bounds the worst case at about 4 x 31 steps. It takes 2 to 12 steps
+in practice, several times fewer passes over the anchors than a 32-step radix search, and is
+many times faster on CPU than ``lax.top_k`` or a permutation over ~270k anchors. Shapes never
+depend on the data.
 
-Equal priorities at the cut-off (probability about ``#candidates / 2**32`` per call) are
+Equal priorities at the cut-off (probability about ``#candidates / 2**31`` per call) are
 broken by anchor index, the only departure from exact uniformity.
 """
 
@@ -26,19 +30,69 @@ def check_sampling(num_samples: int, positive_fraction: float) -> None:
         raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
 
 
+_TOP = 2**31  # priorities are in [0, _TOP)
+_BISECT_EVERY = 4
+
+
+def _kth_largest(priority, candidate, k):
+    """Largest ``t`` with ``#{candidate & priority >= t} >= k`` (the k-th largest candidate
+    priority), or a ``t`` whose count is exactly ``k``; ``1 <= k <= #candidates``, traced."""
+
+    def count(t):
+        return jnp.sum(candidate & (priority >= t), dtype=jnp.int32)
+
+    # Bracket lo < hi with count(lo) >= k > count(hi), narrowed until count(lo) == k or the
+    # two are adjacent.
+    def unfinished(state):
+        lo, c_lo, hi, _, _ = state
+        return (c_lo > k) & (hi - lo > 1)
+
+    def narrow(state):
+        lo, c_lo, hi, c_hi, step = state
+        width = hi - lo
+        frac = (c_lo - k).astype(jnp.float32) / (c_lo - c_hi).astype(jnp.float32)
+        guess = (frac * width.astype(jnp.float32)).astype(jnp.uint32)  # uniform priorities
+        guess = jnp.where(step % _BISECT_EVERY == _BISECT_EVERY - 1, width // 2, guess)
+        t = lo + jnp.clip(guess, 1, width - 1)
+        c = count(t)
+        up = c >= k
+        return (
+            jnp.where(up, t, lo),
+            jnp.where(up, c, c_lo),
+            jnp.where(up, hi, t),
+            jnp.where(up, c_hi, c),
+            step + 1,
+        )
+
+    m = jnp.sum(candidate, dtype=jnp.int32)
+    start = (jnp.uint32(0), m, jnp.uint32(_TOP), jnp.int32(0), jnp.int32(0))
+    return lax.while_loop(unfinished, narrow, start)[0]
+
+
 def _select_top(priority, candidate, k):
-    """Bool ``[N]``: the ``k`` (traced, ``<= #candidates``) candidates of highest priority."""
-
-    # Radix search for the largest t with #{candidate & priority >= t} >= k: the k-th largest.
-    def step(i, t):
-        trial = t | jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))
-        enough = jnp.sum(candidate & (priority >= trial)) >= k
-        return jnp.where(enough, trial, t)
-
-    t = lax.fori_loop(0, 32, step, jnp.uint32(0))
+    """Bool ``[N]``: the ``k`` (traced, ``<= #candidates``) candidates of highest priority
+    (uint32 ``[N]`` in ``[0, 2**31)``), equal priorities taken in index order."""
+    t = _kth_largest(priority, candidate, jnp.maximum(k, 1))
     above = candidate & (priority > t)  # [N]
     ties = candidate & (priority == t)  # [N]
-    return above | (ties & (jnp.cumsum(ties) <= k - jnp.sum(above)))
+    need = k - jnp.sum(above, dtype=jnp.int32)
+    index = jnp.arange(priority.shape[0], dtype=jnp.int32)
+
+    # More ties than places (rare): bisect for the index cut-off j, ties before j taken.
+    def unfinished(bounds):
+        j_lo, j_hi = bounds
+        return j_hi - j_lo > 1
+
+    def narrow(bounds):
+        j_lo, j_hi = bounds
+        mid = (j_lo + j_hi) // 2
+        enough = jnp.sum(ties & (index < mid), dtype=jnp.int32) >= need
+        return jnp.where(enough, j_lo, mid), jnp.where(enough, mid, j_hi)
+
+    n = jnp.int32(priority.shape[0])
+    too_many = jnp.sum(ties, dtype=jnp.int32) > need
+    _, cut = lax.while_loop(unfinished, narrow, (jnp.where(too_many, 0, n - 1), n))
+    return (above | (ties & (index < cut))) & (k > 0)
 
 
 def sample_labels(
@@ -58,7 +112,7 @@ def sample_labels(
     negative = labels == 0  # [N]
     num_pos = jnp.minimum(jnp.sum(positive), max_pos)
     num_neg = jnp.minimum(jnp.sum(negative), int(num_samples) - num_pos)
-    priority = jax.random.bits(key, labels.shape, jnp.uint32)  # [N]
+    priority = jax.random.bits(key, labels.shape, jnp.uint32) >> 1  # [N], 31 random bits
     take_pos = _select_top(priority, positive, num_pos)
     take_neg = _select_top(priority, negative, num_neg)
     return jnp.where(take_pos, 1, jnp.where(take_neg, 0, -1)).astype(jnp.int32)

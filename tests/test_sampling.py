@@ -105,3 +105,41 @@ def test_bad_settings_raise(kwargs, name):
 def test_bad_labels_shape_raises():
     with pytest.raises(ValueError, match="labels"):
         sampling.sample_labels(jax.random.key(0), jnp.zeros((2, 4), jnp.int32))
+
+
+def _top_k_reference(priority, candidate, k):
+    """numpy: the k candidates of highest priority, equal priorities in index order."""
+    order = np.lexsort(
+        (np.arange(len(priority)), -np.where(candidate, priority.astype(np.int64), -1))
+    )
+    take = np.zeros(len(priority), bool)
+    take[order[:k]] = True
+    return take & candidate
+
+
+@pytest.mark.parametrize(
+    "draw",
+    [
+        # Uniform 31-bit priorities, as sample_labels draws them.
+        lambda rng, shape: rng.integers(0, 2**31, shape),
+        # Six distinct values: most of the cut-off is ties, resolved by index.
+        lambda rng, shape: rng.integers(0, 6, shape) * 2**28,
+        # Far from uniform (squared, clustered near 0): the interpolation guesses are poor and
+        # the bisection steps must still land on the exact k-th value.
+        lambda rng, shape: (rng.random(shape) ** 8 * (2**31 - 1)).astype(np.int64),
+        # Two adjacent values.
+        lambda rng, shape: 2**30 + rng.integers(0, 2, shape),
+    ],
+)
+def test_select_top_equals_numpy_top_k(draw):
+    rng = np.random.default_rng(7)
+    b, n = 24, 700
+    priority = draw(rng, (b, n)).astype(np.uint32)
+    candidate = rng.random((b, n)) < rng.random((b, 1))
+    candidate[0] = False  # nothing to take
+    k = np.minimum(rng.integers(0, 400, b), candidate.sum(1))
+    k[1], k[2] = 0, candidate[2].sum()  # none, and every candidate
+    select = jax.jit(jax.vmap(sampling._select_top))
+    out = np.asarray(select(jnp.asarray(priority), jnp.asarray(candidate), jnp.asarray(k)))
+    for i in range(b):
+        np.testing.assert_array_equal(out[i], _top_k_reference(priority[i], candidate[i], k[i]))

@@ -80,8 +80,20 @@ def test_four_devices_match_one_device(mode, norm):
     assert m1[-1]["loss"] != m1[0]["loss"]  # the parameters did move
     for a, b in zip(m1, m4, strict=True):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
-    chex.assert_trees_all_close(one.params, four.params, rtol=1e-4, atol=1e-6)
     chex.assert_trees_all_close(one.model_state, four.model_state, rtol=1e-4, atol=1e-6)
+    if norm != "batch_norm":
+        chex.assert_trees_all_close(one.params, four.params, rtol=1e-4, atol=1e-6)
+        return
+    # Cross-device BN sums its statistics in another order. Over 3 steps the float32 rounding
+    # reaches about 2% of a parameter's update where gradients nearly cancel; BN with
+    # per-device statistics would already fail the loss check above.
+    init, _ = _run_steps(config, parallel.data_mesh(jax.devices()[:1]), mode, [])
+    flat_init = jax.tree_util.tree_leaves_with_path(init.params)
+    for (path, p0), p1, p4 in zip(
+        flat_init, jax.tree.leaves(one.params), jax.tree.leaves(four.params), strict=True
+    ):
+        update = np.abs(p1 - p0).max()
+        np.testing.assert_allclose(p4, p1, atol=0.1 * update + 1e-7, err_msg=str(path))
 
 
 def test_train_step_compiles_once():

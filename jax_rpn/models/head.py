@@ -1,7 +1,9 @@
 """The RPN head: shared 3x3 convolution(s) + ReLU, then 1x1 objectness and box-delta convolutions.
 
-One set of weights is applied to every pyramid level (detectron2's ``StandardRPNHead``). All
-convolutions are initialised normal(stddev=0.01) with zero bias, as in the paper.
+One set of weights is applied to every pyramid level (detectron2's ``StandardRPNHead``;
+``num_convs=0`` puts the predictors directly on the features). All convolutions are
+initialised normal(stddev=0.01) with zero bias, as in the paper. The two 1x1 predictors keep
+``nn.Conv``'s parameter layout but run as one matmul per level.
 
 Output channel layout, per cell, for A anchors per cell:
 - objectness ``sigmoid``: A channels, channel ``a`` -> ``[B, H, W, A]``;
@@ -70,30 +72,49 @@ class RPNHead(nn.Module):
         a = self.num_anchors
         per_anchor = 1 if self.objectness == "sigmoid" else 2
 
-        def layer(features, kernel, name):
-            pad = kernel // 2
-            return nn.Conv(
-                features,
-                (kernel, kernel),
-                padding=((pad, pad), (pad, pad)),
+        convs = [
+            nn.Conv(
+                dim,
+                (3, 3),
+                padding=((1, 1), (1, 1)),
                 kernel_init=NORMAL_001,
                 dtype=self.dtype,
                 param_dtype=jnp.float32,
-                name=name,
+                name=f"conv{i}",
             )
-
-        convs = [layer(dim, 3, f"conv{i}") for i in range(self.num_convs)]
-        cls_conv = layer(per_anchor * a, 1, "objectness")
-        box_conv = layer(4 * a, 1, "deltas")
+            for i in range(self.num_convs)
+        ]
+        in_dim = dim if self.num_convs else shapes[0][-1]
+        cls_kernel, cls_bias = Conv1x1Params(per_anchor * a, name="objectness")(in_dim)
+        box_kernel, box_bias = Conv1x1Params(4 * a, name="deltas")(in_dim)
+        # Both 1x1 predictors as one matmul per level: one pass over the features, and a dot
+        # is faster than a 1x1 convolution on XLA CPU.
+        kernel = jnp.concatenate([cls_kernel, box_kernel], -1)[0, 0].astype(self.dtype)
+        bias = jnp.concatenate([cls_bias, box_bias]).astype(self.dtype)  # [(per_anchor + 4) A]
+        n_cls = per_anchor * a
         objectness, deltas = [], []
         for x in features:
             x = x.astype(self.dtype)
             for c in convs:
                 x = nn.relu(c(x))
             b, h, w = x.shape[:3]
-            logits = cls_conv(x).astype(jnp.float32)  # [B, H, W, A * per_anchor]
+            out = (x @ kernel + bias).astype(jnp.float32)  # [B, H, W, (per_anchor + 4) A]
+            logits = out[..., :n_cls]  # [B, H, W, A * per_anchor]
             if per_anchor == 2:
                 logits = logits.reshape(b, h, w, a, 2)  # channel a * 2 + k
             objectness.append(logits)
-            deltas.append(box_conv(x).astype(jnp.float32).reshape(b, h, w, a, 4))
+            deltas.append(out[..., n_cls:].reshape(b, h, w, a, 4))
         return tuple(objectness), tuple(deltas)
+
+
+class Conv1x1Params(nn.Module):
+    """The parameters of a 1x1 convolution to ``features`` channels, in ``nn.Conv``'s layout:
+    ``kernel [1, 1, C, features]`` normal(0.01) and ``bias [features]`` zero."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param("kernel", NORMAL_001, (1, 1, in_features, self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        return kernel, bias
