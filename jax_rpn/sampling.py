@@ -64,9 +64,16 @@ def _kth_largest(priority, candidate, k):
             step + 1,
         )
 
-    m = jnp.sum(candidate, dtype=jnp.int32)
-    start = (jnp.uint32(0), m, jnp.uint32(_TOP), jnp.int32(0), jnp.int32(0))
+    zero = _varying_zero(priority, candidate, k)
+    top = zero.astype(jnp.uint32) + jnp.uint32(_TOP)
+    start = (zero.astype(jnp.uint32), jnp.sum(candidate, dtype=jnp.int32) + zero, top, zero, zero)
     return lax.while_loop(unfinished, narrow, start)[0]
+
+
+def _varying_zero(*arrays):
+    """int32 zero that varies across ``shard_map`` devices wherever one of ``arrays`` does, so
+    loop carries started from it keep their type when the loop body mixes in those arrays."""
+    return sum(lax.full_like(a, 0, jnp.int32, shape=()) for a in arrays)
 
 
 def _select_top(priority, candidate, k):
@@ -89,9 +96,10 @@ def _select_top(priority, candidate, k):
         enough = jnp.sum(ties & (index < mid), dtype=jnp.int32) >= need
         return jnp.where(enough, j_lo, mid), jnp.where(enough, mid, j_hi)
 
-    n = jnp.int32(priority.shape[0])
+    zero = _varying_zero(ties, need)
+    n = zero + priority.shape[0]
     too_many = jnp.sum(ties, dtype=jnp.int32) > need
-    _, cut = lax.while_loop(unfinished, narrow, (jnp.where(too_many, 0, n - 1), n))
+    _, cut = lax.while_loop(unfinished, narrow, (jnp.where(too_many, zero, n - 1), n))
     return (above | (ties & (index < cut))) & (k > 0)
 
 

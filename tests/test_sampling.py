@@ -143,3 +143,15 @@ def test_select_top_equals_numpy_top_k(draw):
     out = np.asarray(select(jnp.asarray(priority), jnp.asarray(candidate), jnp.asarray(k)))
     for i in range(b):
         np.testing.assert_array_equal(out[i], _top_k_reference(priority[i], candidate[i], k[i]))
+
+
+def test_inside_shard_map_equals_vmap():
+    # Users call the sampler inside their own shard_map (default check_vma=True): the loop
+    # carries must keep the per-device type, and each device must sample as vmap does.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+    spec = jax.sharding.PartitionSpec("data")
+    labels = jnp.asarray(np.random.default_rng(3).choice([-1, 0, 1], (4, 500), p=[0.3, 0.6, 0.1]))
+    keys = jax.random.split(jax.random.key(5), 4)
+    fn = jax.vmap(functools.partial(sampling.sample_labels, num_samples=32))
+    sharded = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec), out_specs=spec))
+    np.testing.assert_array_equal(sharded(keys, labels), jax.jit(fn)(keys, labels))
