@@ -22,6 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.ignore_difficult = True  # VOC "difficult" / COCO crowd: ignored in targets and recall
     c.data.num_workers = 0  # grain worker processes (0 = in-process)
     c.data.num_eval_images = ml_collections.config_dict.placeholder(int)  # None: whole split
+    # Model input: channels in this order (rgb: torchvision's weights; bgr: Caffe2/detectron2
+    # MSRA weights), then (pixel - mean) / std per channel in that order, in 0-255 units.
+    c.data.channel_order = "rgb"
+    c.data.pixel_mean = (123.675, 116.28, 103.53)  # ImageNet (RGB)
+    c.data.pixel_std = (58.395, 57.12, 57.375)  # Caffe2 weights: (1.0, 1.0, 1.0)
 
     # Model (jax_rpn.models).
     c.model = ml_collections.ConfigDict()

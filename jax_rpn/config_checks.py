@@ -11,7 +11,7 @@ import ml_collections
 from jax_rpn import losses, optim, parallel
 from jax_rpn.models.norm import NORMS
 from jax_rpn.models.rpn import BACKBONES, DTYPES
-from jax_rpn.settings import AnchorSettings
+from jax_rpn.settings import AnchorSettings, PixelSettings
 
 
 def _require(ok: bool, field: str, expected: str, value) -> None:
@@ -88,6 +88,10 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
         pad,
     )
     _optional(config, "data.num_eval_images", lambda v: v >= 1, ">= 1")
+    try:
+        PixelSettings.from_config(config)
+    except ValueError as e:
+        raise ValueError(f"config.data (pixel_mean, pixel_std, channel_order): {e}") from None
     _require(0 <= config.seed < 2**32, "seed", "in [0, 2**32)", config.seed)
 
 

@@ -16,6 +16,8 @@ import numpy as np
 
 from jax_rpn import anchors as anchor_ops
 
+CHANNEL_ORDERS = ("rgb", "bgr")
+
 
 class _Kwargs:
     def kwargs(self) -> dict:
@@ -157,6 +159,40 @@ class LossSettings:
             box=config.loss.box,
             beta=float(config.loss.beta),
             box_weight=float(config.loss.box_weight),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelSettings:
+    """How uint8 RGB images become the model's input (``jax_rpn.data.augment.normalize``).
+
+    ``channel_order`` is the order the model sees (``rgb``: torchvision's ImageNet weights;
+    ``bgr``: Caffe2 / detectron2 MSRA weights); ``mean`` and ``std`` are per channel in that
+    order, in 0-255 units (Caffe2 weights: std 1).
+    """
+
+    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    channel_order: str = "rgb"
+
+    def __post_init__(self):
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise ValueError(
+                f"channel_order must be one of {CHANNEL_ORDERS}, got {self.channel_order!r}"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(
+                f"mean and std must be 3 numbers each, std > 0, got {self.mean}, {self.std}"
+            )
+
+    @classmethod
+    def from_config(cls, config) -> PixelSettings:
+        """From ``config.data.pixel_mean``, ``pixel_std`` and ``channel_order``."""
+        d = config.data
+        return cls(
+            mean=tuple(float(v) for v in d.pixel_mean),
+            std=tuple(float(v) for v in d.pixel_std),
+            channel_order=d.channel_order,
         )
 
 

@@ -1,10 +1,11 @@
 """Input pipeline: tfds array_record data sources read by grain, into static-shape numpy batches.
 
 Per example: decode -> boxes to absolute `[x1, y1, x2, y2]` pixels -> random horizontal flip
-(train) -> resize keeping the aspect ratio (`augment.resized_hw`) -> normalize with ImageNet
-mean/std -> pad the image to `config.data.pad_to` (top-left, zeros after normalization) and the
-ground truth to `config.data.max_boxes` slots. A batch is a dict of numpy arrays, b examples
-(b = config.batch_size / process count: this host's part of the global batch):
+(train) -> resize keeping the aspect ratio (`augment.resized_hw`) -> normalize
+(`augment.normalize`: `config.data` channel order, pixel mean and std) -> pad the image to
+`config.data.pad_to` (top-left, zeros after normalization) and the ground truth to
+`config.data.max_boxes` slots. A batch is a dict of numpy arrays, b examples (b =
+config.batch_size / process count: this host's part of the global batch):
 
     image          float32 [b, H, W, 3]  (H, W) = pad_to
     boxes          float32 [b, G, 4]     [x1, y1, x2, y2] in pixels of the resized image; 0 if empty
@@ -56,6 +57,7 @@ from absl import flags
 
 from jax_rpn import config_checks
 from jax_rpn.data import augment, shapes
+from jax_rpn.settings import PixelSettings
 
 # The dataset families (`config.data.name` up to the first "/") and the box flag each turns
 # into `ignore`.
@@ -86,6 +88,7 @@ class _Settings:
     max_boxes: int
     ignore_difficult: bool
     hflip: bool
+    pixels: PixelSettings
 
 
 def decode_example(example: dict, *, family: str, ignore_difficult: bool = True):
@@ -134,7 +137,7 @@ def _process(example: dict, index: int, *, settings: _Settings, flip: bool) -> d
         boxes, labels, ignore, max_boxes=settings.max_boxes
     )
     return {
-        "image": augment.pad_image(augment.normalize(image), settings.pad_hw),
+        "image": augment.pad_image(augment.normalize(image, settings.pixels), settings.pad_hw),
         "boxes": boxes,
         "labels": labels,
         "valid": valid,
@@ -199,6 +202,7 @@ def _settings(config) -> _Settings:
         max_boxes=int(d.max_boxes),
         ignore_difficult=bool(d.ignore_difficult),
         hflip=bool(d.hflip),
+        pixels=PixelSettings.from_config(config),
     )
 
 
