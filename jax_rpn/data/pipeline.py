@@ -25,6 +25,8 @@ example's flip, are the same whatever the number of hosts and devices.
 Datasets (`config.data.name`):
 - `rpn_shapes`, `rpn_shapes/small`: the embedded synthetic data (`jax_rpn.data.shapes`),
   prepared on first use.
+- `coco_json`, `voc_folder`: users' own data, a COCO JSON + image folder per split or a VOC
+  folder (`jax_rpn.data.user_datasets`), prepared on first use.
 - `voc/2007`, `voc/2012` (tfds; `objects/is_difficult` -> ignore; splits train, validation,
   test (without boxes in 2012); e.g. `train_split="train+validation"`) and `coco/2017` (tfds;
   `objects/is_crowd` -> ignore; splits train, validation). They must be prepared beforehand,
@@ -54,10 +56,15 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
-from jax_rpn.data import augment, shapes
+from jax_rpn.data import augment, shapes, user_datasets
 
 # The box flag each dataset family turns into `ignore`.
-_IGNORE_FEATURE = {"rpn_shapes": None, "voc": "is_difficult", "coco": "is_crowd"}
+_IGNORE_FEATURE = {
+    "rpn_shapes": None,
+    "voc": "is_difficult",
+    "coco": "is_crowd",
+    **user_datasets.IGNORE_FEATURE,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,9 +200,10 @@ def _check_config(config) -> None:
     family = d.name.split("/")[0]
     if family not in _IGNORE_FEATURE:
         raise ValueError(
-            "config.data.name must be rpn_shapes[/small], voc/2007, voc/2012 or coco/2017, "
-            f"got {d.name!r}"
+            "config.data.name must be rpn_shapes[/small], voc/2007, voc/2012, coco/2017, "
+            f"coco_json or voc_folder, got {d.name!r}"
         )
+    user_datasets.check_config(d)
     pad = tuple(d.pad_to)
     if len(pad) != 2 or not all(isinstance(s, int) and s > 0 for s in pad):
         raise ValueError(f"config.data.pad_to must be two positive ints (H, W), got {d.pad_to}")
@@ -242,6 +250,8 @@ def _builder(config):
     name, data_dir = config.data.name, config.data.data_dir
     if name.split("/")[0] == "rpn_shapes":
         return shapes.ensure_prepared(name, data_dir=data_dir)
+    if name in user_datasets.IGNORE_FEATURE:
+        return user_datasets.ensure_prepared(config.data)
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
         raise FileNotFoundError(
