@@ -561,7 +561,7 @@ def test_prepare_command_prints_the_report_and_names_errors(tmp_path):
     proc = _run("jax_rpn.data.prepare", *flags)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "images: 1 listed, 1 kept" in proc.stdout
-    assert "dropped, zero or negative width or height: 1" in proc.stdout
+    assert "dropped: 1 with zero or negative width or height, 0 outside" in proc.stdout
     data = json.loads(open(ann).read())
     data["annotations"][1]["category_id"] = 5
     _write_json(ann, data)

@@ -23,9 +23,11 @@ from jax_rpn.data import shapes, user_datasets
 
 def main(argv):
     del argv
-    from absl import flags
+    from absl import flags, logging
 
     f = flags.FLAGS
+    if not f["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     d = f.config.data
     if d.name.split("/")[0] == "rpn_shapes":
         builder = shapes.ensure_prepared(d.name, data_dir=d.data_dir)

@@ -428,16 +428,15 @@ def format_report(report: dict) -> str:
         + ", ".join(report["class_names"]),
     ]
     for name, s in report["splits"].items():
-        dropped = s["dropped_zero_or_negative_size"] + s["dropped_outside_image"]
         lines += [
             f"split {name}: {s['annotations']} (images in {s['images']})",
             f"  images: {s['images_listed']} listed, {s['images_kept']} kept "
-            f"({s['negatives']} without boxes, kept as negatives), {s['images_skipped']} skipped",
+            f"({s['negatives']} of them without boxes: negatives), {s['images_skipped']} skipped",
             f"  boxes: {s['boxes_listed']} listed, {s['boxes_kept']} kept ({s['boxes_ignore']} "
-            f"flagged {s['ignore_flag']}: ignored), {s['clipped']} of them clipped to the image; "
-            f"{dropped} dropped, {s['boxes_on_skipped_images']} on skipped images",
-            f"    dropped, zero or negative width or height: {s['dropped_zero_or_negative_size']}",
-            f"    dropped, outside the image: {s['dropped_outside_image']}",
+            f"{s['ignore_flag']}: ignored), {s['boxes_on_skipped_images']} on skipped images",
+            f"  repaired: {s['clipped']} clipped to the image; dropped: "
+            f"{s['dropped_zero_or_negative_size']} with zero or negative width or height, "
+            f"{s['dropped_outside_image']} outside the image",
         ]
         if s["converted_to_rgb"] or s["exif_rotated"]:
             modes = ", ".join(f"{n} {m}" for m, n in s["converted_to_rgb"].items()) or "none"
@@ -658,7 +657,7 @@ def _prepare(d, path: str, *, workers: int, progress: bool) -> None:
 @contextlib.contextmanager
 def _quiet_tfds():
     """Without tfds' own progress bars, prints and warnings (the report says what happened)."""
-    bars = tfds.core.utils.tqdm_utils._active
+    bars = getattr(tfds.core.utils.tqdm_utils, "_active", True)
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     tfds.display_progress_bar(False)
