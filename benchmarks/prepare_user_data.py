@@ -1,8 +1,9 @@
 """Preparation speed of a user's COCO-JSON dataset vs the raw read speed of the same files.
 
-    python benchmarks/prepare_user_data.py [--images 1000] [--repeats 3] [--workdir DIR]
+    python benchmarks/prepare_user_data.py [--images 1000] [--height 256 --width 256]
+        [--repeats 3] [--workdir DIR]
 
-Writes `--images` example images (256x256 rpn_shapes JPEGs, `jax_rpn.data.example_dataset`)
+Writes `--images` example images (rpn_shapes JPEGs, `jax_rpn.data.example_dataset`)
 once, then, `--repeats` times, taking turns, with the files evicted from the page cache before
 each (`posix_fadvise(DONTNEED)`: cold reads from disk) and again with a warm cache:
 
@@ -62,13 +63,16 @@ def _pool_map(fn, paths, workers):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", default=None, help="default: a temporary folder")
     args = parser.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="prepare_bench_")
-    data = os.path.join(work, "shapes_coco")
+    data = os.path.join(work, f"shapes_coco_{args.images}_{args.height}x{args.width}")
     if not os.path.isdir(data):
-        example_dataset.write(data, num_train=args.images, num_val=0)
+        image_hw = (args.height, args.width)
+        example_dataset.write(data, num_train=args.images, num_val=0, image_hw=image_hw)
     folder = os.path.join(data, "train")
     paths = sorted(os.path.join(folder, n) for n in os.listdir(folder))
     megabytes = sum(os.path.getsize(p) for p in paths) / 1e6
@@ -103,7 +107,7 @@ def main():
                 times[name, cache].append(time.perf_counter() - start)
     n = len(paths)
     print(
-        f"{n} JPEG files, {megabytes:.1f} MB, 256x256; {workers} threads; "
+        f"{n} JPEG files, {megabytes:.1f} MB, {args.width}x{args.height}; {workers} threads; "
         f"{os.cpu_count()} cores; medians of {args.repeats}\n"
     )
     print("| page cache | read img/s | read + decode img/s | prepare img/s | read / prepare |")
