@@ -30,13 +30,15 @@ Then it checks every image, in threads, with a progress bar:
   clipped to it, and dropped when nothing is left (entirely outside); each counted;
 - `iscrowd` / `difficult` boxes are kept, flagged; images without boxes are kept (negatives).
 
+Images reach tfds already encoded, so preparing (like reading) needs no TensorFlow.
 The report (images and boxes kept, dropped, repaired, and why) is printed and stored as
 `preparation_report.json` in the dataset folder, `<data_dir>/<name>/<config>/1.0.0`, where the
 config name ends in a content hash of the annotation files, the image folders' paths and the
 splits: editing an annotation file leads to a new dataset, not a stale one (replacing an image
 file under the same name does not; delete the dataset folder then). tfds writes into a
 temporary folder and renames it when complete, so an interrupted preparation leaves nothing
-that looks prepared.
+that looks prepared (a killed one leaves tfds' `incomplete.*` folder, which the next
+preparation removes).
 """
 
 from __future__ import annotations
@@ -282,6 +284,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # drops alpha, as torchvision's and detectron2's readers
 
 
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1: upright), 1 where the EXIF data cannot be read."""
+    try:
+        return image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # damaged EXIF data raises all sorts; the pixels may still be fine
+        return 1
+
+
 def check_image(path: str, stated_hw: tuple[int, int] | None) -> CheckedImage:
     """Reads and decodes image `path`; upright RGB JPEG/PNG bytes, or why it is skipped.
 
@@ -297,7 +307,7 @@ def check_image(path: str, stated_hw: tuple[int, int] | None) -> CheckedImage:
     try:
         with Image.open(io.BytesIO(data)) as image:
             fmt, mode, stored_wh = image.format, image.mode, image.size
-            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+            orientation = _orientation(image)
             rotated = orientation in range(2, 9)
             converted = mode if mode != "RGB" else None
             keep = not (converted or rotated) and fmt in _KEEP_FORMATS
