@@ -43,6 +43,7 @@ def _optional(config, field: str, ok, expected: str) -> None:
 
 def validate_data(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming the first invalid field the input pipeline reads."""
+    from jax_rpn.data import user_datasets
     from jax_rpn.data.pipeline import FAMILIES  # the pipeline validates with this module
 
     d = config.data
@@ -50,7 +51,7 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
         d.name.split("/")[0] in FAMILIES,
         "data.name",
         f"a dataset of one of the families {tuple(FAMILIES)} (e.g. rpn_shapes, voc/2007, "
-        "coco/2017)",
+        "coco/2017, coco_json)",
         d.name,
     )
     for field in ("batch_size", "data.max_boxes"):
@@ -93,6 +94,7 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:
         raise ValueError(f"config.data (pixel_mean, pixel_std, channel_order): {e}") from None
     _require(0 <= config.seed < 2**32, "seed", "in [0, 2**32)", config.seed)
+    user_datasets.check_config(d)  # coco_json / voc_folder: their fields, files and splits
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

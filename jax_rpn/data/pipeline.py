@@ -26,6 +26,8 @@ example's flip, are the same whatever the number of hosts and devices.
 Datasets (`config.data.name`):
 - `rpn_shapes`, `rpn_shapes/small`: the embedded synthetic data (`jax_rpn.data.shapes`),
   prepared on first use.
+- `coco_json`, `voc_folder`: users' own data, a COCO JSON + image folder per split or a VOC
+  folder (`jax_rpn.data.user_datasets`), prepared on first use.
 - `voc/2007`, `voc/2012` (tfds; `objects/is_difficult` -> ignore; splits train, validation,
   test (without boxes in 2012); e.g. `train_split="train+validation"`) and `coco/2017` (tfds;
   `objects/is_crowd` -> ignore; splits train, validation). They must be prepared beforehand,
@@ -56,12 +58,17 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from jax_rpn import config_checks
-from jax_rpn.data import augment, shapes
+from jax_rpn.data import augment, shapes, user_datasets
 from jax_rpn.settings import PixelSettings
 
 # The dataset families (`config.data.name` up to the first "/") and the box flag each turns
 # into `ignore`.
-FAMILIES = {"rpn_shapes": None, "voc": "is_difficult", "coco": "is_crowd"}
+FAMILIES = {
+    "rpn_shapes": None,
+    "voc": "is_difficult",
+    "coco": "is_crowd",
+    **user_datasets.IGNORE_FEATURE,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +218,8 @@ def _builder(config):
     name, data_dir = config.data.name, config.data.data_dir
     if name.split("/")[0] == "rpn_shapes":
         return shapes.ensure_prepared(name, data_dir=data_dir)
+    if name in user_datasets.IGNORE_FEATURE:
+        return user_datasets.ensure_prepared(config.data)
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
         raise FileNotFoundError(
