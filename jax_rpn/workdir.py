@@ -31,6 +31,8 @@ RESUMABLE = (
     "parallelism",
     "data.data_dir",
     "data.eval_split",
+    "data.eval_annotations",
+    "data.eval_images",
     "data.num_eval_images",
     "data.num_workers",
     "proposals.",

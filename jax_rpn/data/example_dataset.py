@@ -40,7 +40,7 @@ def _write_image(split: str, index: int, folder: str, image_hw) -> tuple[list, l
 
     Returns its boxes as COCO `[x, y, width, height]` pixel lists and its class indices.
     """
-    _, example = shapes._encoded_example(split, index, image_hw=image_hw)
+    _, example = shapes.encoded_example(split, index, image_hw=image_hw)
     with open(os.path.join(folder, f"{index + 1:06d}.jpg"), "wb") as f:
         f.write(example["image"])
     h, w = image_hw

@@ -628,7 +628,7 @@ def ensure_prepared(d, *, workers: int | None = None, progress=True, print_repor
     if not _is_prepared(path):
         root = os.path.dirname(os.path.dirname(os.path.dirname(path)))
         lock = os.path.join(root, f".{d.name}_{os.path.basename(os.path.dirname(path))}.lock")
-        with shapes._file_lock(lock):
+        with shapes.file_lock(lock):
             if not _is_prepared(path):
                 if progress:
                     print(f"Preparing {d.name} into {path}", file=sys.stderr)
