@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.short_side = 256  # resize so the shorter side is this ...
     c.data.max_size = 256  # ... unless the longer side would pass this
     c.data.pad_to = (256, 256)  # static padded image size (H, W), divisible by the largest stride
+    # Also pad to the transpose of pad_to: landscape and portrait buckets, each batch from one,
+    # one compile each (jax_rpn/data/buckets.py); e.g. pad_to (800, 1344) for COCO.
+    c.data.aspect_buckets = False
     c.data.max_boxes = 16  # padded ground-truth slots per image
     c.data.hflip = True  # random horizontal flips in training
     c.data.ignore_difficult = True  # VOC "difficult" / COCO crowd: ignored in targets and recall

@@ -69,12 +69,21 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
         f"a positive int at most config.data.max_size ({d.max_size})",
         d.short_side,
     )
-    _require(
-        d.max_size <= min(pad),
-        "data.max_size",
-        f"<= both sides of data.pad_to {pad} (images of either orientation must fit)",
-        d.max_size,
-    )
+    if d.aspect_buckets:  # landscape images go to pad_to's wide bucket, portrait to its tall one
+        _require(
+            d.short_side <= min(pad) and d.max_size <= max(pad),
+            "data.short_side/max_size",
+            f"<= the short and long side of data.pad_to {pad} (with aspect_buckets)",
+            (d.short_side, d.max_size),
+        )
+    else:
+        _require(
+            d.max_size <= min(pad),
+            "data.max_size",
+            f"<= both sides of data.pad_to {pad} (images of either orientation must fit; or "
+            "set data.aspect_buckets)",
+            d.max_size,
+        )
     _require(
         isinstance(d.num_workers, int) and d.num_workers >= 0,
         "data.num_workers",
