@@ -93,8 +93,9 @@ def recall_stats(
       valid: bool (or integer) ``[K]``; invalid slots never match and are not counted as
         proposals.
       gt_boxes: ``[G, 4]`` xyxy ground truth (padded).
-      gt_valid: bool ``[G]``; padding is False.
-      gt_ignore: bool ``[G]`` or None; ignored (crowd / difficult) boxes are not counted.
+      gt_valid: bool (or integer) ``[G]``; padding is False.
+      gt_ignore: bool (or integer) ``[G]`` or None; ignored (crowd / difficult) boxes are not
+        counted.
       iou_thresholds: T static IoU thresholds (default COCO's .50:.05:.95); match if IoU >= t.
       area_ranges: R static ``(name, low, high)`` tuples, inclusive, on ``w * h``.
 
