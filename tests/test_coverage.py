@@ -8,11 +8,13 @@ import sys
 import matplotlib.image
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import tiny
 from jax_rpn import anchors
 from jax_rpn.coverage import analysis, anchor_fit, report
 from jax_rpn.data import shapes
+from jax_rpn.settings import TargetSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,6 +74,36 @@ def test_box_far_from_every_anchor_is_uncovered():
     best, num_pos = _coverage(a, [[100.0, 100.0, 110.0, 120.0], [0.0, 0.0, 0.0, 0.0]])
     assert best.tolist() == [0.0, 0.0] and num_pos.tolist() == [0, 0]
     assert analysis.categories(best[:1], high=0.7).tolist() == [2]  # "none"
+
+
+def test_each_image_is_matched_against_the_anchors_of_its_padded_shape():
+    """Aspect buckets: a landscape (32x64) and a portrait (64x32) padded image, each holding a
+    box equal to the last anchor of its own canvas, which lies outside the other canvas."""
+    land, port = (32, 64), (64, 32)
+    a = {hw: _grid_anchors(hw=hw) for hw in (land, port)}  # 16x16 squares every 4 px
+    # Hand-placed: centre (60, 28) -> [52, 20, 68, 36] and centre (28, 60) -> [20, 52, 36, 68].
+    gt_boxes = np.stack([a[land][-1:], a[port][-1:]])  # [2, 1, 4]
+    np.testing.assert_array_equal(gt_boxes[:, 0], [[52, 20, 68, 36], [20, 52, 36, 68]])
+    gt = analysis.GroundTruth(
+        boxes=gt_boxes,
+        valid=np.ones((2, 1), bool),
+        ignore=np.zeros((2, 1), bool),
+        image_hw=np.array([land, port], np.int32),
+        pad_hw=np.array([land, port], np.int32),
+        index=np.array([0, 1], np.int32),
+        num_dropped=0,
+    )
+    kw = {"targets": TargetSettings(), "progress": False}
+    cov = analysis.compute_coverage(a, gt, **kw)
+    assert cov.best_iou.tolist() == [1.0, 1.0]
+    # One positive each: the neighbours shifted by one stride reach IoU 192/320 = 0.6 < 0.7.
+    assert cov.num_positive.tolist() == [1, 1]
+    # With the landscape canvas's anchors only, the portrait box (y from 52) overlaps none:
+    # the nearest anchor row ends at y = 28 + 8 = 36.
+    cov = analysis.compute_coverage(a[land], gt, **kw)
+    assert cov.best_iou.tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match=r"no entry for the padded shapes \[\(64, 32\)\]"):
+        analysis.compute_coverage({land: a[land]}, gt, **kw)
 
 
 def _numpy_iou(a, b):
@@ -250,3 +282,44 @@ def test_cli_prints_json(data_dir, tmp_path):
     assert result["current"]["overall"]["matched"] is None  # --nomatch: the matcher was skipped
     assert os.path.exists(os.path.join(out, "coverage.png"))
     assert not os.path.exists(os.path.join(out, "current_vs_suggested.png"))
+
+
+def test_run_with_aspect_buckets_uses_each_buckets_anchors(tmp_path):
+    """Two landscape (96x128) and two portrait (128x96) images, each with a 36x36 box in its
+    bottom-right corner, padded to 64x128 or 128x64. A portrait image is the transpose of a
+    landscape one, and so are its padded canvas, its anchors (ratios 0.5 / 1 / 2 are symmetric)
+    and its box: both must reach exactly the same best IoU. With the landscape canvas's anchors
+    only, the portrait boxes (below y = 64) would lose their best anchors."""
+    images, annotations = [], []
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        h, w = (96, 128) if i < 2 else (128, 96)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(tmp_path / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "height": h, "width": w})
+        annotations.append({"id": i + 1, "image_id": i + 1, "category_id": 1,
+                            "bbox": [w - 40, h - 40, 36, 36], "iscrowd": 0})  # fmt: skip
+    (tmp_path / "ann.json").write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": 1, "name": "thing"}],
+            }
+        )  # fmt: skip
+    )
+    config = tiny.get_config()
+    config.data.name = "coco_json"
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.data.train_annotations = config.data.eval_annotations = str(tmp_path / "ann.json")
+    config.data.train_images = config.data.eval_images = str(tmp_path)
+    config.data.short_side, config.data.max_size = 64, 128
+    config.data.pad_to, config.data.aspect_buckets = (64, 128), True
+    config.batch_size = 2
+    result = report.run(config, suggest=False, progress=False)
+    assert result["setup"]["padded_shapes"] == [[64, 128], [128, 64]]
+    worst = {w["image_index"]: w for w in result["current"]["worst"]}
+    for land, port in ((0, 2), (1, 3)):
+        x1, y1, x2, y2 = worst[land]["box"]
+        assert worst[port]["box"] == [y1, x1, y2, x2]  # transposed
+        assert worst[port]["best_iou"] == worst[land]["best_iou"] > 0.4
+    assert "at most 64x128 or 128x64" in report.format_report(result)

@@ -16,6 +16,7 @@ Boxes are ``[x1, y1, x2, y2]`` in absolute pixels.
 import dataclasses
 import functools
 import math
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
@@ -170,6 +171,7 @@ class GroundTruth(NamedTuple):
     valid: np.ndarray  # bool [I, G]
     ignore: np.ndarray  # bool [I, G]
     image_hw: np.ndarray  # int32 [I, 2]
+    pad_hw: np.ndarray  # int32 [I, 2]: the padded size of the image's batch (its aspect bucket)
     index: np.ndarray  # int32 [I]: record index in the split
     num_dropped: int  # boxes beyond max_boxes the pipeline dropped
 
@@ -193,17 +195,20 @@ def load_ground_truth(
     bar = tqdm(
         total=total, desc=f"boxes of {cfg.data.eval_split}", unit="img", disable=not progress
     )
+    fields = ("boxes", "valid", "ignore", "image_hw", "index", "num_dropped")
     for batch in pipeline.create_eval_iterator(cfg, process_index=0, process_count=1):
         keep = np.asarray(batch["example_valid"], bool)
-        parts.append({k: np.asarray(batch[k])[keep] for k in GroundTruth._fields})
+        parts.append({k: np.asarray(batch[k])[keep] for k in fields})
+        parts[-1]["pad_hw"] = np.tile(np.shape(batch["image"])[1:3], (int(keep.sum()), 1))
         bar.update(int(keep.sum()))
     bar.close()
-    cat = {k: np.concatenate([p[k] for p in parts]) for k in GroundTruth._fields}
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return GroundTruth(
         boxes=cat["boxes"].astype(np.float32),
         valid=cat["valid"].astype(bool),
         ignore=cat["ignore"].astype(bool),
         image_hw=cat["image_hw"].astype(np.int32),
+        pad_hw=cat["pad_hw"].astype(np.int32),
         index=cat["index"].astype(np.int32),
         num_dropped=int(cat["num_dropped"].sum()),
     )
@@ -232,43 +237,59 @@ def compute_coverage(
     desc: str = "coverage",
     count_positives: bool = True,
 ) -> BoxCoverage:
-    """Coverage of ``gt``'s boxes by xyxy ``anchors [N, 4]`` with the matcher of ``targets``.
+    """Coverage of ``gt``'s boxes with the matcher of ``targets``.
 
+    ``anchors``: xyxy ``[N, 4]`` shared by every image, or a mapping from each padded shape
+    ``(H, W)`` in ``gt.pad_hw`` to its anchors ``[N, 4]`` (aspect-ratio buckets: an image is
+    matched against the anchors of the shape it was padded to, as in training).
     ``count_positives=False`` skips the matcher (see :func:`batch_coverage`).
     """
-    anchors = np.asarray(anchors, np.float32)
-    box_ops.check_boxes(anchors, name="anchors")
     t = targets
     matching.check_thresholds(t.high, t.low)
     num_images, g = gt.valid.shape
-    b = max(1, min(images_per_batch, num_images))
-    per_step = max(1, min(b, _CHUNK_ELEMENTS // max(len(anchors) * g, 1)))
-    fn = functools.partial(
-        batch_coverage,
-        high=t.high,
-        low=t.low,
-        allow_low_quality=t.allow_low_quality,
-        border=t.border,
-        images_per_step=per_step,
-        count_positives=count_positives,
-    )
-    best, count = [], []
-    for start in tqdm(range(0, num_images, b), desc=desc, unit="batch", disable=not progress):
-        sl = slice(start, start + b)
-        pad = b - len(gt.valid[sl])  # the last batch is padded with empty images
-        arrays = [
-            np.pad(x[sl], [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-            for x in (gt.boxes, gt.valid, gt.ignore, gt.image_hw)
+    if isinstance(anchors, Mapping):
+        shapes = [tuple(int(v) for v in hw) for hw in gt.pad_hw]
+        missing = sorted(set(shapes) - {tuple(hw) for hw in anchors})
+        if missing:
+            raise ValueError(f"anchors has no entry for the padded shapes {missing} of gt.pad_hw")
+        groups = [
+            (anchors[hw], np.flatnonzero(np.all(gt.pad_hw == hw, axis=1)))
+            for hw in dict.fromkeys(shapes)
         ]
-        out = fn(anchors, *arrays)
-        best.append(np.asarray(out[0])[: b - pad])
-        count.append(np.asarray(out[1])[: b - pad])
+    else:
+        groups = [(anchors, np.arange(num_images))]
+    best = np.zeros((num_images, g), np.float32)
+    count = np.zeros((num_images, g), np.int32)
+    for group_anchors, rows in groups:
+        group_anchors = np.asarray(group_anchors, np.float32)
+        box_ops.check_boxes(group_anchors, name="anchors")
+        b = max(1, min(images_per_batch, len(rows)))
+        per_step = max(1, min(b, _CHUNK_ELEMENTS // max(len(group_anchors) * g, 1)))
+        fn = functools.partial(
+            batch_coverage,
+            high=t.high,
+            low=t.low,
+            allow_low_quality=t.allow_low_quality,
+            border=t.border,
+            images_per_step=per_step,
+            count_positives=count_positives,
+        )
+        for start in tqdm(range(0, len(rows), b), desc=desc, unit="batch", disable=not progress):
+            part = rows[start : start + b]
+            pad = b - len(part)  # the last batch is padded with empty images
+            arrays = [
+                np.pad(x[part], [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+                for x in (gt.boxes, gt.valid, gt.ignore, gt.image_hw)
+            ]
+            out = fn(group_anchors, *arrays)
+            best[part] = np.asarray(out[0])[: len(part)]
+            count[part] = np.asarray(out[1])[: len(part)]
     use = gt.valid & ~gt.ignore & np.asarray(box_ops.is_valid(gt.boxes))  # [I, G]
     return BoxCoverage(
         image_index=np.broadcast_to(gt.index[:, None], use.shape)[use].astype(np.int32),
         boxes=gt.boxes[use],
-        best_iou=np.concatenate(best)[use],
-        num_positive=np.concatenate(count)[use].astype(np.int32),
+        best_iou=best[use],
+        num_positive=count[use],
     )
 
 

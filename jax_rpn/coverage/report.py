@@ -4,8 +4,9 @@
 the config's anchors (:mod:`jax_rpn.coverage.analysis`), fits suggested anchors
 (:mod:`jax_rpn.coverage.anchor_fit`) and measures theirs; :func:`format_report` answers the
 article's questions in text, :func:`write_pictures` draws the figures with :mod:`jax_rpn.viz`.
-Anchors are those of the padded image size ``config.data.pad_to`` (feature size
-``pad_to // stride`` on each level); the matcher is the config's (``TargetSettings``).
+Anchors are those of each image's padded size: ``config.data.pad_to``, or its transpose for
+the portrait bucket with ``config.data.aspect_buckets`` (feature size ``ceil(pad / stride)`` on
+each level); the matcher is the config's (``TargetSettings``).
 """
 
 import dataclasses
@@ -60,8 +61,9 @@ def format_report(result: dict) -> str:
     lq = "on" if c["allow_low_quality"] else "OFF: these boxes get no positive anchor"
     lines = [
         f"Anchor coverage of {c['dataset']} {c['split']}: {c['num_images']} images, "
-        f"{o['boxes']} boxes after resizing to at most {c['image_hw'][0]}x{c['image_hw'][1]} "
-        f"({c['num_ignored']} ignored and {c['num_dropped']} beyond max_boxes left out)",
+        f"{o['boxes']} boxes after resizing to at most "
+        + " or ".join(f"{h}x{w}" for h, w in c["padded_shapes"])
+        + f" ({c['num_ignored']} ignored and {c['num_dropped']} beyond max_boxes left out)",
         "Anchors:",
         *_anchor_lines(cur["anchors"]),
         f"Matcher: high {high}, low {c['low']}, low-quality matching "
@@ -200,7 +202,7 @@ def _plain(values):
     return float(values)
 
 
-def _anchor_info(settings: AnchorSettings, anchors):
+def _anchor_info(settings: AnchorSettings, image_hw):
     cells = settings.cell_anchors()
     ratios = settings.aspect_ratios
     return {
@@ -208,7 +210,7 @@ def _anchor_info(settings: AnchorSettings, anchors):
         "sizes": _plain(settings.sizes),
         "aspect_ratios": _plain(ratios[0] if len(set(ratios)) == 1 else ratios),
         "num_cell_anchors": int(cells[0].shape[0]),
-        "num_anchors": int(len(anchors)),
+        "num_anchors": int(sum(len(x) for x in settings.for_image(image_hw))),
         "min_anchor_area": float(np.asarray(box_ops.area(np.concatenate(cells))).min()),
     }
 
@@ -238,14 +240,19 @@ def run(
     gt = load_ground_truth(config, split=split, max_images=max_images, progress=progress)
     t, a = TargetSettings.from_config(config), AnchorSettings.from_config(config)
     pad_hw = tuple(int(v) for v in config.data.pad_to)
-    anchors = np.concatenate(a.for_image(pad_hw))  # [N, 4]
+    # Each padded shape's anchors (with aspect buckets, pad_to and its transpose).
+    shapes = list(dict.fromkeys(tuple(int(v) for v in hw) for hw in gt.pad_hw))
+
+    def anchors_of(settings):
+        return {hw: np.concatenate(settings.for_image(hw)) for hw in shapes}  # [N, 4] each
+
     kw = {"targets": t, "progress": progress, "count_positives": count_positives}
-    cov = compute_coverage(anchors, gt, desc="current anchors", **kw)
+    cov = compute_coverage(anchors_of(a), gt, desc="current anchors", **kw)
     if cov.boxes.shape[0] == 0:
         raise ValueError("the split has no (non-ignored) ground-truth boxes")
     edges = size_bin_edges(cov.boxes)
     current = summarize(cov, high=t.high, size_edges=edges, worst=worst)
-    current["anchors"] = _anchor_info(a, anchors)
+    current["anchors"] = _anchor_info(a, pad_hw)
     coverages = {"current": cov}
     suggested = None
     if suggest:
@@ -259,10 +266,11 @@ def run(
             seed=config.seed,
         )
         new = dataclasses.replace(a, sizes=s.sizes, aspect_ratios=s.aspect_ratios)
-        new_anchors = np.concatenate(new.for_image(pad_hw))  # [N', 4]
-        coverages["suggested"] = compute_coverage(new_anchors, gt, desc="suggested anchors", **kw)
+        coverages["suggested"] = compute_coverage(
+            anchors_of(new), gt, desc="suggested anchors", **kw
+        )
         suggested = summarize(coverages["suggested"], high=t.high, size_edges=edges, worst=worst)
-        suggested["anchors"] = _anchor_info(new, new_anchors)
+        suggested["anchors"] = _anchor_info(new, pad_hw)
         suggested["anchors"]["boxes_per_level"] = list(s.boxes_per_level)
     result = {
         "setup": {
@@ -272,6 +280,7 @@ def run(
             "num_ignored": int(np.sum(gt.valid & gt.ignore)),
             "num_dropped": gt.num_dropped,
             "image_hw": list(pad_hw),
+            "padded_shapes": [list(hw) for hw in shapes],
             "high": float(t.high),
             "low": float(t.low),
             "allow_low_quality": bool(t.allow_low_quality),
