@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
 from jax_rpn import anchors as anchor_ops
+from jax_rpn import files
 
 GT_COLOR = "cyan"
 POSITIVE_COLOR = "tab:green"
@@ -43,7 +44,8 @@ def save_figure(fig, path):
     """Tight layout, then write ``fig`` as PNG to ``path`` (None: don't write); returns ``fig``."""
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, format="png")
+        with files.atomic_path(str(path)) as tmp:
+            fig.savefig(tmp, format="png")
     return fig
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from jax_rpn import anchors as anchor_ops
 from jax_rpn import boxes as box_ops
-from jax_rpn import viz
+from jax_rpn import files, viz
 from jax_rpn.coverage.analysis import (
     compute_coverage,
     load_ground_truth,
@@ -293,8 +293,7 @@ def run(
     }
     if out_dir is not None:
         result["pictures"] = write_pictures(result, coverages, out_dir)
-        with open(os.path.join(out_dir, "coverage.json"), "w") as f:
-            json.dump(result, f, indent=1, allow_nan=False)
-        with open(os.path.join(out_dir, "report.txt"), "w") as f:
-            f.write(format_report(result) + "\n")
+        coverage_json = json.dumps(result, indent=1, allow_nan=False)
+        files.write_text(os.path.join(out_dir, "coverage.json"), coverage_json)
+        files.write_text(os.path.join(out_dir, "report.txt"), format_report(result) + "\n")
     return result
