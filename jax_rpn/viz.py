@@ -210,7 +210,8 @@ def _draw_proposals(ax, image, gt_boxes, gt_valid, proposals, scores, valid, *, 
     _draw_boxes(ax, np.asarray(proposals)[order], color=PROPOSAL_COLOR, linewidth=1.0, alpha=0.8)
     gt = np.asarray(gt_boxes)[np.asarray(gt_valid, bool)]
     _draw_boxes(ax, gt, color=GT_COLOR, linewidth=2.0)
-    ax.set_title(f"{len(gt)} GT (cyan), top {len(order)} proposals", fontsize="small")
+    title = f"top {len(order)} proposals"
+    ax.set_title(f"{len(gt)} GT (cyan), {title}" if len(gt) else title, fontsize="small")
 
 
 def plot_proposals(
