@@ -105,19 +105,6 @@ def load_coco_ground_truth(path: str) -> GroundTruth:
     )
 
 
-def top_proposals(proposals: proposal_files.ProposalSet, k: int):
-    """Each image's ``k`` highest-scoring valid proposals (stable: file order breaks ties) ->
-    boxes ``[I, k', 4]``, scores ``[I, k']``, valid ``[I, k']`` with k' = min(k, K)."""
-    scores = np.where(proposals.valid, proposals.scores, -np.inf)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # [I, k']
-    take = functools.partial(np.take_along_axis, axis=1)
-    return (
-        take(proposals.boxes, order[..., None]),
-        take(proposals.scores, order),
-        take(proposals.valid, order),
-    )
-
-
 @functools.lru_cache(maxsize=4)
 def _stats_fn(area_ranges: tuple):
     """Jitted per-batch record: images ``[B]``, each size range a pass -> summed RecallStats."""
@@ -171,7 +158,9 @@ def evaluate(
     n = len(ground_truth.image_ids)
     if n == 0:
         raise ValueError("the annotations hold no images")
-    boxes, scores, valid = top_proposals(proposals, max(counts))  # [P, K, 4], [P, K], [P, K]
+    boxes, scores, valid = proposal_files.top_proposals(
+        proposals, max(counts)
+    )  # [P, K, 4], [P, K], [P, K]
     where = np.full(n, -1)  # proposal row of each ground-truth image
     where[[row[int(i)] for i in proposals.image_ids]] = np.arange(proposals.num_images)
     fn = _stats_fn(recall.AREA_RANGES)
@@ -238,8 +227,10 @@ def _define_flags():
 
 
 def main(argv):
-    from absl import app, flags
+    from absl import app, flags, logging
 
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # no INFO lines from orbax and jax
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS

@@ -262,8 +262,10 @@ def _define_flags():
 
 
 def main(argv):
-    from absl import app, flags
+    from absl import app, flags, logging
 
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # no INFO lines from orbax and jax
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS

@@ -103,7 +103,10 @@ def image_header(path: str) -> tuple[tuple[int, int], list[str]]:
     from its header; ``notes`` name the repairs loading it will make. Raises SkipImage."""
     with _open(path) as image:
         w, h = image.size
-        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        try:
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        except (OSError, ValueError, SyntaxError) as e:  # Pillow's errors for bad metadata
+            raise SkipImage(f"unreadable metadata ({e})") from None
         notes = _mode_notes(image.mode)
     if orientation in (5, 6, 7, 8):
         h, w = w, h
@@ -120,7 +123,7 @@ def _mode_notes(mode: str) -> list[str]:
     if mode == "F":
         raise SkipImage("32-bit float image: its value range is unknown; convert it to 8-bit")
     if mode.startswith("I"):
-        return [f"{mode} (16-bit) scaled to 8-bit RGB"]
+        return [f"{mode} scaled from 16 bits to 8-bit RGB"]
     return [f"{mode} converted to RGB"]
 
 
@@ -139,7 +142,7 @@ def load_rgb(path: str) -> np.ndarray:
                 return np.repeat(gray[..., None], 3, axis=-1)
             _mode_notes(image.mode)  # float images: SkipImage
             return np.asarray(image.convert("RGB"), np.uint8)
-        except (OSError, ValueError) as e:  # truncated or corrupt data
+        except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
             raise SkipImage(f"cannot be decoded ({e})") from None
 
 
@@ -499,6 +502,8 @@ def run(
     proposals = predict_images(
         plans, variables, config, batch_size=batch_size, report=report, progress=progress
     )
+    if not report.processed:
+        raise ValueError("no usable images:\n" + report.summary())
     os.makedirs(output, exist_ok=True)
     proposal_files.write_coco_json(os.path.join(output, "proposals.json"), proposals)
     proposal_files.write_npz(os.path.join(output, "proposals.npz"), proposals)
@@ -540,8 +545,10 @@ def _define_flags():
 
 
 def main(argv):
-    from absl import app, flags
+    from absl import app, flags, logging
 
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # no INFO lines from orbax and jax
     if len(argv) < 2:
         raise app.UsageError("give image files, folders or globs after the flags")
     f = flags.FLAGS

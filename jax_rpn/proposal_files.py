@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -122,6 +123,19 @@ def objectness_probability(logits: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """
     logits = np.where(valid, np.asarray(logits, np.float64), 0.0)
     return np.where(valid, 0.5 * (1.0 + np.tanh(0.5 * logits)), 0.0).astype(np.float32)
+
+
+def top_proposals(proposals: ProposalSet, k: int):
+    """Each image's ``k`` highest-scoring valid proposals (stable: file order breaks ties) ->
+    boxes ``[I, k', 4]``, scores ``[I, k']``, valid ``[I, k']`` with k' = min(k, K)."""
+    scores = np.where(proposals.valid, proposals.scores, -np.inf)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # [I, k']
+    take = functools.partial(np.take_along_axis, axis=1)
+    return (
+        take(proposals.boxes, order[..., None]),
+        take(proposals.scores, order),
+        take(proposals.valid, order),
+    )
 
 
 @contextlib.contextmanager

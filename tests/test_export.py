@@ -22,6 +22,7 @@ def fast_compile():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", before)
+    inference.predict_function.cache_clear()  # later tests count their own compiles
 
 
 @pytest.fixture(scope="module")

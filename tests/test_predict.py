@@ -37,6 +37,7 @@ def fast_compile():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", before)
+    inference.predict_function.cache_clear()  # later tests count their own compiles
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,7 @@ def test_grayscale_rgba_and_16_bit_are_converted_and_counted(result):
     repaired = result["report"].repaired
     assert [os.path.basename(p) for p in repaired["L converted to RGB"]] == ["d_gray.png"]
     assert [os.path.basename(p) for p in repaired["RGBA converted to RGB"]] == ["e_rgba.png"]
-    assert [os.path.basename(p) for p in repaired["I;16 (16-bit) scaled to 8-bit RGB"]] == [
+    assert [os.path.basename(p) for p in repaired["I;16 scaled from 16 bits to 8-bit RGB"]] == [
         "d_gray16.png"
     ]
 
