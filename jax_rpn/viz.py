@@ -13,7 +13,7 @@ given, also writes it there as a PNG. Figures are drawn with the Agg canvas and 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+from matplotlib.patches import Patch, Rectangle
 
 from jax_rpn import anchors as anchor_ops
 
@@ -21,6 +21,7 @@ GT_COLOR = "cyan"
 POSITIVE_COLOR = "tab:green"
 NEGATIVE_COLOR = "tab:red"
 PROPOSAL_COLOR = "orange"
+SCORED = 5  # proposals labelled with their score in proposal pictures
 
 
 def new_figure(nrows=1, ncols=1, *, size=(6.0, 6.0)):
@@ -203,15 +204,42 @@ def plot_sampled_anchors(
 
 
 def _draw_proposals(ax, image, gt_boxes, gt_valid, proposals, scores, valid, *, top, mean, std):
+    """GT (cyan, thick) and the ``top`` valid proposals (orange); the best few are labelled
+    with their score as a probability, sigmoid(logit)."""
     _show(ax, image, mean, std)
     scores = np.where(np.asarray(valid, bool), np.asarray(scores, np.float32), -np.inf)
     order = np.argsort(-scores, kind="stable")[:top]
     order = order[np.isfinite(scores[order])]
-    _draw_boxes(ax, np.asarray(proposals)[order], color=PROPOSAL_COLOR, linewidth=1.0, alpha=0.8)
+    boxes = np.asarray(proposals, np.float32)[order]
+    _draw_boxes(ax, boxes, color=PROPOSAL_COLOR, linewidth=1.0, alpha=0.8)
+    for (x1, y1, _, _), logit in zip(boxes[:SCORED], scores[order][:SCORED], strict=False):
+        ax.text(
+            x1,
+            y1,
+            f"{1.0 / (1.0 + np.exp(-logit)):.2f}",
+            color="black",
+            fontsize="xx-small",
+            va="bottom",
+            bbox={"facecolor": PROPOSAL_COLOR, "alpha": 0.8, "pad": 0.5, "linewidth": 0},
+        )
     gt = np.asarray(gt_boxes)[np.asarray(gt_valid, bool)]
     _draw_boxes(ax, gt, color=GT_COLOR, linewidth=2.0)
-    title = f"top {len(order)} proposals"
-    ax.set_title(f"{len(gt)} GT (cyan), {title}" if len(gt) else title, fontsize="small")
+    ax.legend(
+        handles=[
+            Patch(edgecolor=GT_COLOR, facecolor="none", linewidth=2.0, label=f"{len(gt)} GT"),
+            Patch(
+                edgecolor=PROPOSAL_COLOR,
+                facecolor="none",
+                label=f"top {len(order)} proposals (best {min(SCORED, len(order))} scored)",
+            ),
+        ],
+        loc="upper right",
+        fontsize="xx-small",
+        framealpha=0.7,
+    )
+    ax.set_title(
+        f"{len(gt)} GT (cyan), top {len(order)} proposals (orange) with scores", fontsize="small"
+    )
 
 
 def plot_proposals(
