@@ -10,8 +10,10 @@
 gives one. Inputs are image files, folders (searched recursively for the file types Pillow
 opens) and globs. Each image goes through the input pipeline's own steps (``augment.resized_hw``
 and ``resize``, ``normalize`` with the config's pixel settings, ``pad_image``), so the model
-sees what it saw in training. Images are batched by padded shape (:func:`padded_hw`; today
-every image gets ``config.data.pad_to``), so there is one compile per padded shape.
+sees what it saw in training. Each image goes to the padded shape training would give it
+(``config.data.pad_to``, and its transpose with ``config.data.aspect_buckets``: see
+:mod:`jax_rpn.data.buckets`); batches hold one padded shape, so there is one compile per
+padded shape, not per image.
 
 Writes into ``--output``: ``proposals.json`` (COCO results: ``image_id``, ``file_name``,
 ``bbox`` xywh in original-image pixels, ``score`` = objectness probability, see
@@ -38,7 +40,6 @@ import dataclasses
 import functools
 import glob
 import json
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -47,7 +48,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from jax_rpn import proposal_files
-from jax_rpn.data import augment
+from jax_rpn.data import augment, buckets
 from jax_rpn.settings import AnchorSettings, PixelSettings
 
 _EXIF_ORIENTATION = 0x0112  # EXIF tag; values 5-8 swap width and height
@@ -146,16 +147,6 @@ def load_rgb(path: str) -> np.ndarray:
             raise SkipImage(f"cannot be decoded ({e})") from None
 
 
-def padded_hw(image_hw, pad_shapes: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """The padded shape ``(H, W)`` an image of size ``image_hw`` is batched in: among
-    ``pad_shapes``, the one whose aspect ratio (h / w) is closest to the image's (in log
-    ratio; ties: the first). Every config has one today (``config.data.pad_to``); landscape
-    and portrait shapes (e.g. 800x1344 and 1344x800) give one compile each."""
-    h, w = image_hw
-    gaps = [abs(math.log((ph / pw) / (h / w))) for ph, pw in pad_shapes]
-    return tuple(int(v) for v in pad_shapes[int(np.argmin(gaps))])
-
-
 @dataclasses.dataclass(frozen=True)
 class ImagePlan:
     """One image to run: where it is, its id, its size before and after resizing, its bucket."""
@@ -217,22 +208,29 @@ def smallest_anchor(config) -> float:
     return min(min(level) for level in AnchorSettings.from_config(config).sizes)
 
 
+def padded_shapes(config) -> tuple[tuple[int, int], ...]:
+    """The padded shapes ``(H, W)`` images are batched in: training's (``config.data.pad_to``,
+    and its transpose with ``config.data.aspect_buckets``)."""
+    d = config.data
+    return buckets.padded_shapes(d.pad_to, aspect_buckets=d.aspect_buckets)
+
+
 def plan_images(
     paths: Sequence[str],
     config,
     *,
-    pad_shapes: Sequence[tuple[int, int]] | None = None,
     image_ids: dict[str, int] | None = None,
     report: Report,
 ) -> list[ImagePlan]:
-    """Read the headers of ``paths`` and plan each image: id, sizes, padded shape.
+    """Read the headers of ``paths`` and plan each image: id, sizes, padded shape (the bucket
+    training would put it in, ``jax_rpn.data.buckets.bucket_of``).
 
-    ``pad_shapes`` default to ``(config.data.pad_to,)``. ``image_ids`` maps a base file name
-    to an id (from ``--annotations``); without it the id is the position in ``paths``.
-    Unusable images are recorded in ``report.skipped``, expected repairs in ``report.repaired``.
+    ``image_ids`` maps a base file name to an id (from ``--annotations``); without it the id is
+    the position in ``paths``. Unusable images are recorded in ``report.skipped``, expected
+    repairs in ``report.repaired``.
     """
     d = config.data
-    pad_shapes = [tuple(d.pad_to)] if pad_shapes is None else [tuple(s) for s in pad_shapes]
+    shapes = padded_shapes(config)
     smallest = smallest_anchor(config)
     plans = []
     report.num_inputs += len(paths)
@@ -246,7 +244,9 @@ def plan_images(
             else:
                 raise SkipImage("its file name is not among the --annotations images")
             original, notes = image_header(path)
-            pad = padded_hw(original, pad_shapes)
+            pad = shapes[
+                buckets.bucket_of(original, shapes, short_side=d.short_side, max_size=d.max_size)
+            ]
             resized = augment.resized_hw(
                 original, short_side=d.short_side, max_size=d.max_size, pad_hw=pad
             )
@@ -416,6 +416,9 @@ def write_overlays(out_dir: str, proposals: proposal_files.ProposalSet, paths, *
     from jax_rpn import viz
 
     os.makedirs(out_dir, exist_ok=True)
+    # The pictures label boxes with the sigmoid of a logit: the probabilities' logits.
+    p = np.clip(proposals.scores.astype(np.float64), 1e-7, 1 - 1e-7)
+    logits = np.log(p) - np.log1p(-p)  # [I, K]
     for i, path in enumerate(paths):
         stem = os.path.splitext(str(proposals.file_names[i]))[0]
         target = os.path.join(out_dir, f"{proposals.image_ids[i]}_{stem}.png")
@@ -424,7 +427,7 @@ def write_overlays(out_dir: str, proposals: proposal_files.ProposalSet, paths, *
             np.zeros((0, 4), np.float32),
             np.zeros(0, bool),
             proposals.boxes[i],
-            proposals.scores[i],
+            logits[i],
             proposals.valid[i],
             top=top,
         )
@@ -474,7 +477,6 @@ def run(
     batch_size: int = 8,
     overlays: int = 0,
     annotations: str | None = None,
-    pad_shapes: Sequence[tuple[int, int]] | None = None,
     progress: bool = True,
 ) -> tuple[proposal_files.ProposalSet, Report]:
     """The command: load the model, plan and run the images, write the output files."""
@@ -485,18 +487,11 @@ def run(
     config_checks.validate_data(config)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    largest = max(config.anchors.strides)
-    for shape in pad_shapes or [tuple(config.data.pad_to)]:
-        if len(shape) != 2 or any(v <= 0 or v % largest for v in shape):
-            raise ValueError(
-                f"pad shape {shape} must be (H, W), each a positive multiple of the largest "
-                f"stride {largest}"
-            )
     check_variables(config, variables, tuple(config.data.pad_to))
     report = Report()
     paths = find_images(inputs)
     ids = coco_image_ids(annotations) if annotations else None
-    plans = plan_images(paths, config, pad_shapes=pad_shapes, image_ids=ids, report=report)
+    plans = plan_images(paths, config, image_ids=ids, report=report)
     if not plans:
         raise ValueError("no usable images:\n" + report.summary())
     proposals = predict_images(
@@ -515,17 +510,6 @@ def run(
     return proposals, report
 
 
-def _parse_shapes(text: str | None) -> list[tuple[int, int]] | None:
-    if not text:
-        return None
-    try:
-        return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
-    except ValueError:
-        raise ValueError(
-            f"--pad_shapes must look like 256x256 or 800x1344,1344x800: {text!r}"
-        ) from None
-
-
 def _define_flags():
     from absl import flags
     from ml_collections import config_flags
@@ -538,9 +522,6 @@ def _define_flags():
     flags.DEFINE_integer("batch_size", 8, "Images per batch.", lower_bound=1)
     flags.DEFINE_integer("overlays", 0, "Draw the top this many proposals of each image.")
     flags.DEFINE_string("annotations", None, "COCO JSON whose image ids (by file name) to use.")
-    flags.DEFINE_string(
-        "pad_shapes", None, "Padded shapes HxW,HxW (default config.data.pad_to); one compile each."
-    )
     flags.mark_flags_as_required(["model", "output"])
 
 
@@ -560,7 +541,6 @@ def main(argv):
         batch_size=f.batch_size,
         overlays=f.overlays,
         annotations=f.annotations,
-        pad_shapes=_parse_shapes(f.pad_shapes),
     )
     print(report.summary())
     print(f"proposals of {proposals.num_images} images written to {f.output}")

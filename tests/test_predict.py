@@ -203,24 +203,32 @@ def test_files_that_are_not_images_are_skipped_and_named(result):
 
 
 def test_one_compile_per_padded_shape(model, images, tmp_path):
-    # Seven images of five sizes, in three batches; a square and a wide pad shape: two
-    # compiles. Aspect ratios (h / w) below 1 / sqrt(2) are nearer 0.5 (64x128) than 1.
-    fn = inference.predict_function(ml_collections.FrozenConfigDict(model["config"]))
+    # Aspect-ratio buckets as training has them: pad_to 64x128 and its transpose. Seven images
+    # of five sizes in three batches: two compiles.
+    config = tiny.get_config()
+    config.data.max_size, config.data.pad_to, config.data.aspect_buckets = 128, (64, 128), True
+    fn = inference.predict_function(ml_collections.FrozenConfigDict(config))
     before = fn._cache_size()
     names = ["a_landscape.png", "b_portrait.png", "c_square.jpg", "d_gray.png", "e_rgba.png"]
     names += ["h_exif.png", "k_wide.png"]
+    paths = [str(images / n) for n in names]
     _, report = predict.run(
-        [str(images / n) for n in names],
+        paths,
         model=model["path"],
         output=str(tmp_path),
-        batch_size=3,  # a batch shape no other test uses
-        pad_shapes=[(64, 64), (64, 128)],
+        config=config,
+        batch_size=3,
         progress=False,
     )
-    assert report.processed == 7 and sorted(report.compile_s) == ["64x128", "64x64"]
+    assert report.processed == 7 and sorted(report.compile_s) == ["128x64", "64x128"]
     assert fn._cache_size() - before == 2
-    assert predict.padded_hw((48, 128), [(64, 64), (64, 128)]) == (64, 128)  # 0.375
-    assert predict.padded_hw((96, 128), [(64, 64), (64, 128)]) == (64, 64)  # 0.75
+    # 200x100 fits 128x64 at scale 0.64 (128x64) but 64x128 only at 0.32: the portrait bucket.
+    plans = predict.plan_images(paths, config, report=predict.Report())
+    assert [(p.pad_hw, p.resized_hw) for p in plans[:2]] == [
+        ((64, 128), (64, 85)),  # 96x128: scale 2/3
+        ((128, 64), (128, 64)),
+    ]
+    assert [p.pad_hw for p in plans].count((128, 64)) == 2  # b_portrait, h_exif (96x48 shown)
 
 
 def test_annotations_give_coco_ids(model, images, tmp_path):
