@@ -172,15 +172,16 @@ def read_npz(path: str) -> ProposalSet:
     """Read our npz proposal file. Raises ValueError naming the file and a missing or
     malformed key."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in NPZ_KEYS if k not in data]
-            if missing:
-                raise ValueError(
-                    f"{path}: missing keys {missing}; a jax_rpn proposal file has {NPZ_KEYS}"
-                )
-            arrays = {k: data[k] for k in NPZ_KEYS}
-    except (OSError, EOFError) as e:  # not a zip, truncated
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("an .npy array, not an npz archive")
+        with data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, EOFError, ValueError) as e:  # not a zip, truncated, pickled data
         raise ValueError(f"{path}: not a readable npz file ({e})") from None
+    missing = [k for k in NPZ_KEYS if k not in arrays]
+    if missing:
+        raise ValueError(f"{path}: missing keys {missing}; a jax_rpn proposal file has {NPZ_KEYS}")
     try:
         return ProposalSet(
             image_ids=arrays["image_ids"].astype(np.int64),

@@ -63,8 +63,7 @@ def test_two_stage_detector_trains(data_dir, monkeypatch, fast_compile):
     example = _load("two_stage_detector")
     batches = _recording(example, monkeypatch)
     result = example.main(
-        ["--steps", "3", "--batch-size", "2", "--data-name", "rpn_shapes/small"]
-        + ["--data-dir", data_dir]
+        ["--steps", "3", "--batch-size", "2", "--image-size", "64", "--data-dir", data_dir]
     )
     history = result["history"]
     assert len(history) == 3 and len(batches) == 3
@@ -85,7 +84,7 @@ def test_two_stage_detector_trains_on_a_proposal_file(
     data_dir, tmp_path, monkeypatch, fast_compile
 ):
     example = _load("two_stage_detector")
-    common = ["--data-name", "rpn_shapes/small", "--data-dir", data_dir]
+    common = ["--data-name", "rpn_shapes/small", "--data-dir", data_dir, "--image-size", "64"]
     example.main(["--write-images", str(tmp_path / "split")] + common)
 
     # The written files are the training split: record 5's JPEG and boxes (pipeline decode).
