@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
 if not __package__:  # run as a file: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -62,8 +63,9 @@ def main(argv=None):
         model = _model_folder(args, tmp)
         images = os.path.join(tmp, "images")
         _write_images(images, args.images, (256, 256))
-        runs = []
+        runs, cpu = [], []
         for r in range(args.repeats + 1):
+            start = time.process_time()
             _, report = predict.run(
                 [images],
                 model=model,
@@ -72,7 +74,8 @@ def main(argv=None):
                 progress=False,
             )
             runs.append(report)
-        compile_s = runs[0].compile_s
+            cpu.append((time.process_time() - start) / report.processed)
+        compile_s = sum(runs[0].compile_s.values())
         rates = [r.images_per_second for r in runs[1:]]
 
         # The parts of one batch.
@@ -80,38 +83,44 @@ def main(argv=None):
         plans = predict.plan_images(
             predict.find_images([images])[: args.batch_size], config, report=predict.Report()
         )
-        host = common.time_fn(
-            lambda: predict._load_batch(plans, args.batch_size, config), repeats=5
-        )
-        batch, image_hw, _ = predict._load_batch(plans, args.batch_size, config)
-        fn = inference.predict_function(ml_collections.FrozenConfigDict(config))
+        host = common.time_fn(lambda: predict.load_batch(plans, args.batch_size, config))
+        batch, image_hw, _ = predict.load_batch(plans, args.batch_size, config)
         device_vars = jax.device_put(variables)
-        model_time = common.time_fn(lambda: fn(device_vars, batch, image_hw), repeats=10)
+        fn = inference.predict_function(ml_collections.FrozenConfigDict(config))
+        full = common.time_fn(lambda: fn(device_vars, batch, image_hw), repeats=10)
+        rpn = build_rpn(config)
+        forward = jax.jit(lambda v, x: rpn.apply(v, x, train=False))
+        net = common.time_fn(lambda: forward(device_vars, batch), repeats=10)
 
     b, rate = args.batch_size, statistics.median(rates)
     print(f"# predict: {args.images} JPEG files, 256x256, batch {b}\n")
     print(common.machine())
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f}")
     print("weights:", args.model or "random (configs/default.py)", "\n")
+
+    def batch_row(name, t):
+        return [
+            name,
+            f"{t['median'] * 1e3:.0f} ms",
+            f"{t['cpu_median'] * 1e3:.0f} ms",
+            f"{b / t['median']:.0f}",
+        ]
+
     rows = [
-        ["compile (first run; one padded shape)", f"{sum(compile_s.values()):.1f} s", ""],
+        ["compile (first run, per padded shape)", f"{compile_s:.1f} s", "", ""],
         [
-            "end to end (median of runs, compiling excluded)",
-            f"{rate:.1f} images/s",
-            "runs: " + ", ".join(f"{r:.1f}" for r in rates),
+            "end to end, per image (median of runs; compiling excluded)",
+            f"{1e3 / rate:.1f} ms",
+            f"{statistics.median(cpu[1:]) * 1e3:.1f} ms",
+            f"{rate:.1f}",
         ],
-        [
-            "one batch, host: read, decode, resize, normalise, pad",
-            f"{host['median'] * 1e3:.0f} ms",
-            f"{b / host['median']:.0f} images/s on one thread",
-        ],
-        [
-            "one batch, model + proposals (compiled)",
-            f"{model_time['median'] * 1e3:.0f} ms",
-            f"{b / model_time['median']:.0f} images/s",
-        ],
+        batch_row("one batch, host: read, decode, resize, normalise, pad (1 thread)", host),
+        batch_row("one batch, model + proposals (compiled)", full),
+        batch_row("one batch, model forward only (compiled)", net),
     ]
-    print(common.table(["", "time", "note"], rows))
-    return {"images_per_second": statistics.median(rates), "compile_s": compile_s}
+    print(common.table(["", "wall", "CPU", "images/s"], rows))
+    print("\nend-to-end runs (images/s): " + ", ".join(f"{r:.1f}" for r in rates))
+    return {"images_per_second": rate, "compile_s": compile_s}
 
 
 if __name__ == "__main__":

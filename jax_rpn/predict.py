@@ -282,7 +282,7 @@ def preprocess(rgb: np.ndarray, plan: ImagePlan, config) -> np.ndarray:
     )
 
 
-def _load_batch(plans: Sequence[ImagePlan], batch_size: int, config):
+def load_batch(plans: Sequence[ImagePlan], batch_size: int, config):
     """Model inputs of ``plans`` (one padded shape): images float32 ``[batch_size, H, W, 3]``,
     true sizes int32 ``[batch_size, 2]`` (unused rows: zeros, the padded size), and
     ``{path: reason}`` of the images that failed to decode."""
@@ -371,12 +371,12 @@ def predict_images(
         tqdm(total=len(plans), unit="image", disable=not progress, leave=False) as bar,
     ):
         pending = collections.deque(
-            pool.submit(_load_batch, j, batch_size, config) for j in jobs[:2]
+            pool.submit(load_batch, j, batch_size, config) for j in jobs[:2]
         )
         for n, job in enumerate(jobs):
             images, image_hw, failed = pending.popleft().result()
             if n + 2 < len(jobs):
-                pending.append(pool.submit(_load_batch, jobs[n + 2], batch_size, config))
+                pending.append(pool.submit(load_batch, jobs[n + 2], batch_size, config))
             shape = "x".join(str(v) for v in job[0].pad_hw)
             if shape not in report.compile_s:
                 t = time.perf_counter()
