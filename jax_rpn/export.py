@@ -97,7 +97,7 @@ def export_proposals(
     return jax.export.export(fn, platforms=tuple(platforms))(*_input_specs(config, batch))
 
 
-def sidecar(config, exported: jax.export.Exported | None, *, source: str | None = None) -> dict:
+def sidecar(config, exported: jax.export.Exported, *, source: str | None = None) -> dict:
     """What a server needs to know to feed the exported function and read its outputs."""
     d = config.data
     pixels = PixelSettings.from_config(config)
@@ -125,7 +125,7 @@ def sidecar(config, exported: jax.export.Exported | None, *, source: str | None 
             "pixel_std": list(pixels.std),
         },
         "K": k,
-        "platforms": list(exported.platforms) if exported is not None else None,
+        "platforms": list(exported.platforms),
         "source": source,
         "jax_version": jax.__version__,
     }

@@ -197,7 +197,7 @@ class Report:
             + ")"
         ]
         for note, paths in self.repaired.items():
-            lines.append(f"repaired: {len(paths)} images {note} (e.g. {paths[0]})")
+            lines.append(f"repaired ({len(paths)} of them): {note}, e.g. {paths[0]}")
         for path, reason in self.skipped.items():
             lines.append(f"skipped: {path}: {reason}")
         return "\n".join(lines)

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from jax_rpn import checkpoints, inference, predict, proposal_files
-from jax_rpn.data import shapes
+from jax_rpn import checkpoints, evaluate, inference, predict, proposal_files, recall
+from jax_rpn.data import pipeline, shapes
 from jax_rpn.models import build_rpn, init_variables
 
 BATCH = 4  # every run uses it, so the tests share one compiled program per padded shape
@@ -270,3 +270,67 @@ def test_errors_name_the_input(model, images, tmp_path):
     os.remove(bare / "config.json")
     with pytest.raises(ValueError, match="holds no config.json; pass --config"):
         predict.run([str(images)], model=str(bare), output=str(tmp_path))
+
+
+def test_predict_and_evaluate_reproduce_training_eval(model, tmp_path):
+    # The validation images as files + a COCO JSON of their boxes; predict and evaluate on
+    # them must give the recall the trainer's own evaluation gives (proposals from pipeline
+    # batches, jax_rpn.recall), the reference here. Sizes differ (files 96x128, pipeline
+    # 48x64: exactly half), which leaves IoUs, so overall recall, unchanged.
+    config = tiny.get_config()
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.batch_size = BATCH
+    config.data.max_boxes = shapes.MAX_OBJECTS  # keep every box (tiny keeps 8)
+    source = shapes.ensure_prepared(config.data.name, data_dir=config.data.data_dir)
+    records = source.as_data_source("validation")
+    folder = tmp_path / "val"
+    folder.mkdir()
+    images, annotations = [], []
+    for index in range(len(records)):
+        image, boxes, _, _ = pipeline.decode_example(records[index], family="rpn_shapes")
+        Image.fromarray(image).save(folder / f"{index:03d}.png")
+        images.append({"id": index, "file_name": f"{index:03d}.png"})
+        for x1, y1, x2, y2 in boxes.tolist():
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index,
+                    "category_id": 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                }
+            )
+    ann = tmp_path / "val.json"
+    ann.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": 1, "name": "shape"}],
+            }
+        )
+    )
+    predict.run(
+        [str(folder)],
+        model=model["path"],
+        output=str(tmp_path / "out"),
+        annotations=str(ann),
+        batch_size=BATCH,
+        progress=False,
+    )
+    ours = evaluate.run(annotations=str(ann), proposals=str(tmp_path / "out" / "proposals.npz"))
+
+    acc = recall.RecallAccumulator()
+    stats_fn = jax.jit(jax.vmap(recall.recall_stats))
+    for batch in pipeline.create_eval_iterator(config):
+        p = inference.predict_proposals(
+            model["variables"], batch["image"], batch["image_hw"], config=config
+        )
+        valid = p.valid & batch["example_valid"][:, None]
+        stats = stats_fn(p.boxes, p.scores, valid, batch["boxes"], batch["valid"], batch["ignore"])
+        acc.update(stats._replace(num_images=batch["example_valid"].astype(np.int32)))
+    want = acc.result()
+    assert want["num_images"] == ours["num_images"] == 12 and want["num_gt"] == ours["num_gt"]
+    assert 0 < want["recall@0.5@100"] < 1
+    for key in ("AR@100", "AR@300", "AR@1000", "recall@0.5@100", "recall@0.7@100"):
+        assert ours[key] == pytest.approx(want[key], abs=1e-12), key
