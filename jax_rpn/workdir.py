@@ -16,7 +16,7 @@ import shutil
 
 import ml_collections
 
-from jax_rpn import checkpoints
+from jax_rpn import checkpoints, files
 
 # Fields a run may change and still resume the workdir's checkpoint. Everything else shapes the
 # parameters, the optimizer's trajectory or the data stream. The trainer's own objective does
@@ -160,7 +160,4 @@ class MetricsLog:
         return next((r for r in self.rows if (r["step"], r["split"]) == (step, split)), None)
 
     def _rewrite(self) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.rows)
-        os.replace(tmp, self.path)
+        files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
