@@ -58,7 +58,7 @@ import tensorflow_datasets as tfds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for configs/
 from configs import tiny  # noqa: E402
-from jax_rpn import boxes, losses, matching, proposal_files, sampling  # noqa: E402
+from jax_rpn import boxes, files, losses, matching, proposal_files, sampling  # noqa: E402
 from jax_rpn.data import pipeline, shapes  # noqa: E402
 from jax_rpn.inference import proposals_from_outputs  # noqa: E402
 from jax_rpn.models import build_rpn  # noqa: E402
@@ -239,8 +239,8 @@ def write_images(folder: str, config) -> str:
     names = pipeline.dataset_info(config).class_names
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
     path = os.path.join(folder, "annotations.json")
-    with proposal_files.atomic_path(path, mode="w") as f:
-        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    coco = {"images": images, "annotations": annotations, "categories": categories}
+    files.write_text(path, json.dumps(coco))
     return path
 
 

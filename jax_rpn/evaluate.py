@@ -38,7 +38,7 @@ import os
 
 import numpy as np
 
-from jax_rpn import proposal_files, recall
+from jax_rpn import files, proposal_files, recall
 
 _BATCH = 16  # images per jitted call
 
@@ -201,12 +201,9 @@ def run(
     out_dir = output or os.path.dirname(os.path.abspath(proposals))
     os.makedirs(out_dir, exist_ok=True)
     metrics_path = os.path.join(out_dir, f"{stem}_recall.json")
-    with proposal_files.atomic_path(metrics_path, mode="w") as f:
-        json.dump(result, f, indent=1)
+    files.write_text(metrics_path, json.dumps(result, indent=1))
     curves_path = os.path.join(out_dir, f"{stem}_recall_curves.png")
-    fig = viz.plot_recall_curves(acc.curves())
-    with proposal_files.atomic_path(curves_path) as f:
-        fig.savefig(f, format="png")
+    viz.plot_recall_curves(acc.curves(), curves_path)
     print(recall.format_recall_table(result, title=f"Proposal recall of {proposals}"))
     if missing:
         print(f"{missing} annotation images have no proposals (their objects count as missed)")

@@ -46,13 +46,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
 
-from jax_rpn import inference, proposal_files
+from jax_rpn import files, inference
 from jax_rpn.models import build_rpn
 from jax_rpn.settings import PixelSettings, ProposalSettings
 
@@ -135,10 +133,10 @@ def save_exported(out_dir: str, exported: jax.export.Exported, info: dict) -> st
     """Write ``proposals.jax_exported`` and its sidecar ``proposals.json`` atomically; returns
     the exported file's path."""
     path = os.path.join(out_dir, EXPORTED_FILE)
-    with proposal_files.atomic_path(path) as f:
+    os.makedirs(out_dir, exist_ok=True)
+    with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(exported.serialize())
-    with proposal_files.atomic_path(os.path.join(out_dir, SIDECAR_FILE), mode="w") as f:
-        json.dump(info, f, indent=1)
+    files.write_text(os.path.join(out_dir, SIDECAR_FILE), json.dumps(info, indent=1))
     return path
 
 
@@ -201,17 +199,8 @@ def save_saved_model(
     module = tf.Module()
     module.serve = serve
     path = os.path.join(out_dir, SAVED_MODEL_DIR)
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".{SAVED_MODEL_DIR}.tmp-")
-    try:
-        with _stablehlo_for_tensorflow():
-            tf.saved_model.save(module, tmp, signatures={"serving_default": serve})
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with files.atomic_dir(path, overwrite=True) as tmp, _stablehlo_for_tensorflow():
+        tf.saved_model.save(module, tmp, signatures={"serving_default": serve})
     return path
 
 

@@ -47,7 +47,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from jax_rpn import proposal_files
+from jax_rpn import files, proposal_files
 from jax_rpn.data import augment, buckets
 from jax_rpn.settings import AnchorSettings, PixelSettings
 
@@ -422,17 +422,16 @@ def write_overlays(out_dir: str, proposals: proposal_files.ProposalSet, paths, *
     for i, path in enumerate(paths):
         stem = os.path.splitext(str(proposals.file_names[i]))[0]
         target = os.path.join(out_dir, f"{proposals.image_ids[i]}_{stem}.png")
-        fig = viz.plot_proposals(
+        viz.plot_proposals(
             load_rgb(path),
             np.zeros((0, 4), np.float32),
             np.zeros(0, bool),
             proposals.boxes[i],
             logits[i],
             proposals.valid[i],
+            target,
             top=top,
         )
-        with proposal_files.atomic_path(target) as f:
-            fig.savefig(f, format="png")
 
 
 def coco_image_ids(annotations: str) -> dict[str, int]:
@@ -505,8 +504,7 @@ def run(
     if overlays > 0:
         done = [p.path for p in plans if p.path not in report.skipped]  # proposals' order
         write_overlays(os.path.join(output, "overlays"), proposals, done, top=overlays)
-    with proposal_files.atomic_path(os.path.join(output, "report.json"), mode="w") as f:
-        json.dump(report.to_dict(), f, indent=1)
+    files.write_text(os.path.join(output, "report.json"), json.dumps(report.to_dict(), indent=1))
     return proposals, report
 
 

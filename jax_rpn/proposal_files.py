@@ -34,15 +34,15 @@ detectron2's precomputed-proposal pickles (``ids``, ``boxes``, ``objectness_logi
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
+
+from jax_rpn import files
 
 NPZ_KEYS = ("image_ids", "file_names", "image_hw", "boxes", "scores", "valid")
 PROPOSAL_CATEGORY_ID = 1  # category_id written with every proposal in COCO results JSON
@@ -138,32 +138,12 @@ def top_proposals(proposals: ProposalSet, k: int):
     )
 
 
-@contextlib.contextmanager
-def atomic_path(path: str, *, mode: str = "wb"):
-    """Yields a file object open on a temporary sibling of ``path``; renamed to ``path`` only
-    when the block completes."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp-")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 # --- npz ------------------------------------------------------------------------------------
 
 
 def write_npz(path: str, proposals: ProposalSet) -> str:
     """Write ``proposals`` as our npz file (see the module doc) atomically; returns ``path``."""
-    with atomic_path(path) as f:
+    with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **{k: getattr(proposals, k) for k in NPZ_KEYS})
     return path
 
@@ -207,7 +187,7 @@ def write_coco_json(path: str, proposals: ProposalSet) -> str:
     records are formatted directly rather than through ``json.dump`` of dicts: 4x faster
     (0.7 s instead of 2.9 s for 256 images of 1000 proposals).
     """
-    with atomic_path(path, mode="w") as f:
+    with files.atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write("[")
         first = True
         for i, image_id in enumerate(proposals.image_ids.tolist()):
