@@ -38,7 +38,10 @@ record indices, as for the files `--write-images` writes:
     python examples/two_stage_detector.py --proposals /tmp/props/proposals.npz
 
 The proposals are in original-image pixels; each batch maps them to its resized image. Flips
-are off in this mode (the file holds the proposals of the unflipped images).
+are off in this mode (the file holds the proposals of the unflipped images). Measured with
+the proposals of a default-config RPN trained 300 steps (AR@100 0.36 on these 32 images, by
+the evaluate command above): the mean loss went 1.60 (steps 1-25) -> 0.10 (steps 276-300),
+the foreground accuracy 0.03 -> 0.98 (again on the images it trains on).
 """
 
 import argparse
