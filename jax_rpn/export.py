@@ -36,7 +36,7 @@ Files written into ``--output``:
 
 Variables are baked in rather than passed as arguments: the file is the whole model, with
 nothing else to load or keep in step at serving time, and XLA sees the weights as constants.
-The cost: one export per checkpoint, and the file holds the weights (11 MB for the default
+The cost: one export per checkpoint, and the file holds the weights (13 MiB for the default
 config). Outputs match ``jax_rpn.inference.predict_proposals`` to float rounding (boxes
 within 1e-3 px, scores 1e-5: a separately compiled program; ``tests/test_export.py``).
 """
