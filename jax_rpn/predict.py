@@ -232,7 +232,7 @@ def plan_images(
     d = config.data
     shapes = padded_shapes(config)
     smallest = smallest_anchor(config)
-    plans = []
+    plans, first = [], {}  # first: image id -> the path that took it
     report.num_inputs += len(paths)
     for position, path in enumerate(paths):
         name = os.path.basename(path)
@@ -243,6 +243,8 @@ def plan_images(
                 image_id = image_ids[name]
             else:
                 raise SkipImage("its file name is not among the --annotations images")
+            if image_id in first:
+                raise SkipImage(f"{first[image_id]} has the same file name, so the same image id")
             original, notes = image_header(path)
             pad = shapes[
                 buckets.bucket_of(original, shapes, short_side=d.short_side, max_size=d.max_size)
@@ -263,6 +265,7 @@ def plan_images(
             continue
         for note in notes:
             report.repaired[note].append(path)
+        first[image_id] = path
         plans.append(ImagePlan(path, image_id, name, original, resized, pad))
     return plans
 

@@ -235,8 +235,11 @@ def test_annotations_give_coco_ids(model, images, tmp_path):
     ann = tmp_path / "ann.json"
     coco = {"images": [{"id": 42, "file_name": "sub/c_square.jpg"}], "annotations": []}
     ann.write_text(json.dumps(coco))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "c_square.jpg").write_bytes((images / "c_square.jpg").read_bytes())
     props, report = predict.run(
-        [str(images / "c_square.jpg"), str(images / "b_portrait.png")],
+        [str(images / "c_square.jpg"), str(images / "b_portrait.png"), str(copy / "c_square.jpg")],
         model=model["path"],
         output=str(tmp_path / "out"),
         batch_size=BATCH,
@@ -246,6 +249,7 @@ def test_annotations_give_coco_ids(model, images, tmp_path):
     )
     assert props.image_ids.tolist() == [42]
     assert "not among the --annotations" in report.skipped[str(images / "b_portrait.png")]
+    assert "has the same file name" in report.skipped[str(copy / "c_square.jpg")]
     assert (tmp_path / "out" / "overlays" / "42_c_square.png").stat().st_size > 0
 
 
