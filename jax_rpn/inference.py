@@ -34,7 +34,10 @@ def proposals_from_images(
 
 
 @functools.lru_cache(maxsize=8)
-def _predict_fn(config: ml_collections.FrozenConfigDict):
+def predict_function(config: ml_collections.FrozenConfigDict):
+    """The jitted ``(variables, images, image_hw) -> Proposals`` behind :func:`predict_proposals`
+    (one per config; its cache holds one program per input shape), for callers that compile
+    ahead of time (``.lower(...).compile()``) or count compiles (``._cache_size()``)."""
     settings = ProposalSettings.from_config(config, train=False)
     return jax.jit(functools.partial(proposals_from_images, build_rpn(config), settings=settings))
 
@@ -56,4 +59,4 @@ def predict_proposals(variables, images, image_hw, *, config) -> proposals.Propo
       ``valid [B, K]`` and ``num_nonfinite [B]``, K = ``proposals.post_nms_topk_test``.
       Compiled once per config and input shape.
     """
-    return _predict_fn(ml_collections.FrozenConfigDict(config))(variables, images, image_hw)
+    return predict_function(ml_collections.FrozenConfigDict(config))(variables, images, image_hw)

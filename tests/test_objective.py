@@ -116,7 +116,7 @@ def test_predict_proposals_compiles_once_per_shape(setup):
     for i, (h, w) in enumerate(batch["image_hw"]):
         b = np.asarray(props.boxes[i])[np.asarray(props.valid[i])]
         assert len(b) > 0 and b.min() >= 0 and b[:, 2].max() <= w and b[:, 3].max() <= h
-    fn = inference._predict_fn(ml_collections.FrozenConfigDict(config))
+    fn = inference.predict_function(ml_collections.FrozenConfigDict(config))
     inference.predict_proposals(variables, batch["image"] + 1.0, batch["image_hw"], config=config)
     assert fn._cache_size() == 1
     inference.predict_proposals(
