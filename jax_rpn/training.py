@@ -21,9 +21,9 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from jax_rpn import config_checks, inference, parallel, recall, viz
+from jax_rpn import config_checks, inference, interop, parallel, recall, viz
 from jax_rpn.data import pipeline
-from jax_rpn.models import build_rpn, init_variables
+from jax_rpn.models import build_rpn, frozen_parameters, init_variables
 from jax_rpn.objective import rpn_objective
 from jax_rpn.optim import create_optimizer
 from jax_rpn.settings import LossSettings, ProposalSettings, TargetSettings
@@ -41,10 +41,15 @@ class TrainState:
 
 
 def create_train_state(config, model, tx, key) -> TrainState:
-    """Initialise parameters at the configured padded image size."""
+    """Initialise parameters at the configured padded image size, then load
+    ``config.init.checkpoint`` over them (printing what was loaded and what was not)."""
     init_key, state_key = jax.random.split(key)
     h, w = config.data.pad_to
     variables = init_variables(model, init_key, (1, h, w, 3))
+    if config.init.checkpoint:
+        variables, report = interop.initialize(variables, config)
+        if jax.process_index() == 0:
+            print(report.summary(), flush=True)
     params = variables.pop("params")
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -153,7 +158,11 @@ class Trainer:
         self.mode = config.parallelism
         self.mesh = parallel.data_mesh()
         self.model = build_rpn(config, axis_name=parallel.AXIS)
-        self.tx, self.schedule = create_optimizer(config.optim, config.num_train_steps)
+        self.tx, self.schedule = create_optimizer(
+            config.optim,
+            config.num_train_steps,
+            frozen=frozen_parameters(config.model.backbone, config.model.freeze_at),
+        )
         self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         self.state = jax.device_put(
             create_train_state(config, build_rpn(config), self.tx, jax.random.PRNGKey(config.seed)),

@@ -490,12 +490,20 @@ def test_bad_image_shape(shape):
         _init_shapes(_c4(), shape)
 
 
-def test_image_not_divisible_by_largest_stride():
+def test_fpn_takes_sizes_divisible_by_32_with_p6_by_ceil():
+    # torchvision, detectron2 and mmdet pad to a multiple of 32; P6 = P5[::2, ::2] then has
+    # ceil(H5 / 2) rows: 96 / 32 = 3 -> 2 rows, as their max_pool2d(P5, 1, 2) gives.
     model = RPN(backbone="resnet18", width=4)
-    # 96 is divisible by 32 (P5) but not by 64 (P6).
-    with pytest.raises(ValueError, match=r"\(96, 128\) must be divisible by the largest .* 64"):
-        _init_shapes(model, (1, 96, 128, 3))
-    with pytest.raises(ValueError, match="divisible by the largest feature stride 16"):
+    out = _apply_shapes(model, (1, 96, 128, 3))
+    assert [o.shape[1:3] for o in out.objectness] == [(24, 32), (12, 16), (6, 8), (3, 4), (2, 2)]
+    assert [a.shape[0] for a in out.anchors] == [24 * 32 * 3, 12 * 16 * 3, 6 * 8 * 3, 36, 12]
+
+
+def test_image_not_divisible():
+    model = RPN(backbone="resnet18", width=4)
+    with pytest.raises(ValueError, match=r"\(80, 128\) must be divisible by 32 \(FPN\)"):
+        _init_shapes(model, (1, 80, 128, 3))
+    with pytest.raises(ValueError, match="divisible by the feature stride 16"):
         _init_shapes(_c4(), (1, 40, 32, 3))
 
 
