@@ -20,7 +20,7 @@ read without torch. See ``docs/pretrained_weights.md``.
 
 from jax_rpn.interop.detectron2 import from_detectron2
 from jax_rpn.interop.keymap import CheckpointMismatchError, LoadReport
-from jax_rpn.interop.load import FORMATS, detect_format, initialize, load_checkpoint
+from jax_rpn.interop.load import FORMATS, convert, detect_format, initialize, load_checkpoint
 from jax_rpn.interop.mmdet import from_mmdet
 from jax_rpn.interop.safe_load import CheckpointError, UnsafeCheckpointError
 from jax_rpn.interop.torchvision import from_torchvision, to_torchvision
@@ -31,6 +31,7 @@ __all__ = [
     "CheckpointMismatchError",
     "LoadReport",
     "UnsafeCheckpointError",
+    "convert",
     "detect_format",
     "from_detectron2",
     "from_mmdet",

@@ -10,9 +10,8 @@ it appears complete or not at all. Train from it with
 ``python train.py --config <same config> --config.init.checkpoint=<folder>``.
 """
 
-import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _FORMAT = flags.DEFINE_enum(
@@ -30,22 +29,20 @@ flags.mark_flags_as_required(["checkpoint", "config", "out"])
 
 def main(argv):
     del argv
-    from jax_rpn import checkpoints, interop
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes
+    from jax_rpn.interop import convert
 
-    start = time.perf_counter()
-    config = _CONFIG.value
-    variables, report = interop.load_checkpoint(
-        _CHECKPOINT.value, config, format=flags.FLAGS["from"].value
+    out, report, (read, write) = convert(
+        _CHECKPOINT.value,
+        _CONFIG.value,
+        _OUT.value,
+        format=flags.FLAGS["from"].value,
+        overwrite=_OVERWRITE.value,
     )
-    read = time.perf_counter()
-    out = checkpoints.save_variables(
-        _OUT.value, variables, config=config, report=report.to_dict(), overwrite=_OVERWRITE.value
-    )
-    done = time.perf_counter()
     print(report.summary())
     print(
-        f"Wrote {out} in {done - start:.1f} s (read and convert {read - start:.1f} s, "
-        f"write {done - read:.1f} s)"
+        f"Wrote {out} in {read + write:.1f} s (read and convert {read:.1f} s, write {write:.1f} s)"
     )
 
 

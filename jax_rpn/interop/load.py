@@ -127,3 +127,19 @@ def initialize(variables: dict, config) -> tuple[dict, keymap.LoadReport]:
     loaded, report = load_checkpoint(config.init.checkpoint, config, format=config.init.format)
     merged = {**keymap.flatten(variables), **keymap.flatten(loaded)}
     return keymap.unflatten(merged), report
+
+
+def convert(checkpoint: str, config, out: str, *, format: str = "auto", overwrite: bool = False):
+    """``python -m jax_rpn.interop``: read ``checkpoint`` for ``config``'s model and write the
+    variables folder ``out`` (``jax_rpn.checkpoints.save_variables``, atomic).
+
+    Returns ``(out, report, (read_seconds, write_seconds))``. Nothing is written unless the
+    conversion succeeded.
+    """
+    start = time.perf_counter()
+    variables, report = load_checkpoint(checkpoint, config, format=format)
+    read = time.perf_counter()
+    out = checkpoints.save_variables(
+        out, variables, config=config, report=report.to_dict(), overwrite=overwrite
+    )
+    return out, report, (read - start, time.perf_counter() - read)
