@@ -10,7 +10,6 @@ it appears complete or not at all. Train from it with
 ``python train.py --config <same config> --config.init.checkpoint=<folder>``.
 """
 
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
