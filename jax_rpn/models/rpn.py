@@ -51,9 +51,7 @@ def size_divisibility(*, fpn: bool, strides: Sequence[int]) -> int:
     return 32 if fpn else int(max(strides))
 
 
-def frozen_parameters(
-    backbone: str, freeze_at: int
-) -> Callable[[tuple[str, ...]], bool] | None:
+def frozen_parameters(backbone: str, freeze_at: int) -> Callable[[tuple[str, ...]], bool] | None:
     """Predicate on a parameter's path under ``params`` (e.g. ``("body", "layer1_0", "conv1",
     "kernel")``): True for the backbone stages that fine-tuning keeps fixed; None when
     ``freeze_at`` is 0 (nothing frozen).
