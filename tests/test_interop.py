@@ -228,7 +228,7 @@ def test_cli_converts_once_and_training_reads_the_folder(tmp_path, resnet18):
     ]
     done = _convert("--from=torchvision", *common, f"--out={out}")
     assert done.returncode == 0, done.stderr
-    assert "Loaded 100 arrays (backbone)" in done.stdout and "Wrote" in done.stdout
+    assert "Loaded 100 arrays (backbone) in" in done.stdout and "Wrote" in done.stdout
     assert sorted(os.listdir(out)) == ["config.json", "report.json", "variables"]
     variables, config, step = checkpoints.load_variables(str(out))
     assert step is None and config.model.width == 64
@@ -335,7 +335,7 @@ def test_training_starts_from_the_checkpoint_and_freeze_at_holds_the_stem(narrow
     tx, schedule = create_optimizer(config.optim, config.num_train_steps, frozen=frozen)
     state0 = training.create_train_state(config, build_rpn(config), tx, jax.random.key(0))
     printed = capsys.readouterr().out
-    assert f"Loaded 100 arrays (backbone) from torchvision classifier: {path}" in printed
+    assert f"s from torchvision classifier: {path}" in printed
     assert "partial load: FPN, RPN head not in the file, left at random init" in printed
     body = state0.model_state["batch_stats"]["body"]
     np.testing.assert_array_equal(
@@ -384,7 +384,7 @@ def test_report_summary_and_dict():
     report.left_random = ("neck", "head")
     report.ignored = {"the ImageNet classifier": 2}
     assert report.summary().splitlines() == [
-        "Loaded 3 arrays (backbone) from torchvision classifier: x.pth",
+        "Loaded 3 arrays (backbone) in 0.0 s from torchvision classifier: x.pth",
         "  partial load: FPN, RPN head not in the file, left at random init",
         "  skipped 2 keys: the ImageNet classifier",
     ]

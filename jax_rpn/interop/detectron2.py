@@ -192,7 +192,7 @@ def from_detectron2(source, config) -> tuple[dict, keymap.LoadReport]:
     return variables, report
 
 
-def convert_state(state: dict, config, *, source: str) -> tuple[dict, keymap.LoadReport]:
+def convert_state(state: dict, config, *, source: str, tmpl=None) -> tuple[dict, keymap.LoadReport]:
     """:func:`from_detectron2` of a state dict already read (``source`` names it)."""
     kind = kind_of(state)
     if kind is None:
@@ -204,5 +204,7 @@ def convert_state(state: dict, config, *, source: str) -> tuple[dict, keymap.Loa
         _check_caffe2_config(config, source)
     notes = _check_pixels(state, config, source)
     report = keymap.LoadReport(source=source, format=f"detectron2 {kind}", notes=tuple(notes))
-    variables = keymap.convert(state, layout(config, kind), config, source=source, report=report)
+    variables = keymap.convert(
+        state, layout(config, kind), config, source=source, report=report, tmpl=tmpl
+    )
     return variables, report

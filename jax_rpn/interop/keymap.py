@@ -100,7 +100,10 @@ class LoadReport:
     def summary(self) -> str:
         """A few lines for the console."""
         parts = ", ".join(PARTS[p] for p in self.loaded_parts)
-        lines = [f"Loaded {self.loaded} arrays ({parts}) from {self.format}: {self.source}"]
+        lines = [
+            f"Loaded {self.loaded} arrays ({parts}) in {self.seconds:.1f} s from {self.format}: "
+            f"{self.source}"
+        ]
         if self.left_random:
             random = ", ".join(PARTS[p] for p in self.left_random)
             lines.append(f"  partial load: {random} not in the file, left at random init")
@@ -147,13 +150,13 @@ def unflatten(flat: Mapping[tuple[str, ...], np.ndarray]) -> dict:
 
 
 def flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], np.ndarray]:
-    """Inverse of :func:`unflatten` (leaves as numpy arrays)."""
+    """Inverse of :func:`unflatten` (leaves as they are)."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
             flat.update(flatten(value, (*prefix, str(key))))
         else:
-            flat[(*prefix, str(key))] = np.asarray(value)
+            flat[(*prefix, str(key))] = value
     return flat
 
 
@@ -275,19 +278,26 @@ def place(
 
 
 def convert(
-    state: Mapping[str, np.ndarray], layout: Layout, config, *, source: str, report: LoadReport
+    state: Mapping[str, np.ndarray],
+    layout: Layout,
+    config,
+    *,
+    source: str,
+    report: LoadReport,
+    tmpl: Mapping[tuple[str, ...], tuple[int, ...]] | None = None,
 ) -> dict:
     """The variables of ``config``'s model from ``state`` (the file's arrays) in ``layout``.
 
     Returns the nested ``{"params": ..., "batch_stats": ...}`` of what the file holds (a
-    backbone checkpoint gives only ``body``); see the module docstring for the rules.
+    backbone checkpoint gives only ``body``); see the module docstring for the rules. ``tmpl``:
+    the model's leaf shapes if known (:func:`template` otherwise).
     """
     if config.model.objectness != "sigmoid":
         raise CheckpointError(
             f"{source}: {layout.name} RPN heads predict one sigmoid logit per anchor; set "
             f"config.model.objectness='sigmoid' (got {config.model.objectness!r})"
         )
-    tmpl = template(config)
+    tmpl = template(config) if tmpl is None else tmpl
     keys = peer_keys(layout, tmpl)
     found, names, used, filled = {}, {}, set(), {}
     for path, key in keys.items():

@@ -49,11 +49,14 @@ def detect_format(state: dict) -> str | None:
     return None
 
 
-def load_checkpoint(path: str, config, *, format: str = "auto") -> tuple[dict, keymap.LoadReport]:
+def load_checkpoint(
+    path: str, config, *, format: str = "auto", template=None
+) -> tuple[dict, keymap.LoadReport]:
     """``(variables, report)`` for ``config``'s model from any checkpoint ``path``.
 
     ``variables`` holds what the file has (``{"params": ..., "batch_stats": ...}`` numpy
     trees); a backbone checkpoint gives only the backbone (the report says what is left).
+    ``template``: ``{leaf path: shape}`` of the model when known (saves tracing it).
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -62,7 +65,7 @@ def load_checkpoint(path: str, config, *, format: str = "auto") -> tuple[dict, k
     if os.path.isdir(path):
         if format not in ("auto", "jax_rpn"):
             raise CheckpointError(f"{path} is a folder, not a {format} checkpoint file")
-        variables, report = from_jax_rpn(path, config)
+        variables, report = from_jax_rpn(path, config, template=template)
     else:
         if format == "jax_rpn":
             raise CheckpointError(f"{path}: a jax_rpn checkpoint is a folder, this is a file")
@@ -75,12 +78,12 @@ def load_checkpoint(path: str, config, *, format: str = "auto") -> tuple[dict, k
                     f"{sorted(state)[:4]}); set config.init.format if you know the format"
                 )
             format = found
-        variables, report = CONVERTERS[format](state, config, source=path)
+        variables, report = CONVERTERS[format](state, config, source=path, tmpl=template)
     report.seconds = time.perf_counter() - start
     return variables, report
 
 
-def from_jax_rpn(path: str, config) -> tuple[dict, keymap.LoadReport]:
+def from_jax_rpn(path: str, config, *, template=None) -> tuple[dict, keymap.LoadReport]:
     """Variables from a converted folder or a training workdir, checked against ``config``."""
     variables, stored, step = checkpoints.load_variables(path)
     if stored is not None:
@@ -104,7 +107,7 @@ def from_jax_rpn(path: str, config) -> tuple[dict, keymap.LoadReport]:
             notes.append(f"converted from {stored_report['format']}: {stored_report['source']}")
     kind = "variables folder" if step is None else f"workdir, step {step}"
     report = keymap.LoadReport(source=path, format=f"jax_rpn {kind}", notes=tuple(notes))
-    tmpl = keymap.template(config)
+    tmpl = keymap.template(config) if template is None else template
     flat = keymap.flatten({k: v for k, v in variables.items() if k in ("params", "batch_stats")})
     found = {p: v for p, v in flat.items() if p in tmpl}
     unexpected = [f"{'/'.join(p)} {list(v.shape)}" for p, v in flat.items() if p not in tmpl]
@@ -124,9 +127,14 @@ def initialize(variables: dict, config) -> tuple[dict, keymap.LoadReport]:
     """``variables`` (freshly initialised for ``config``) with ``config.init.checkpoint``'s
     arrays written over them; parts the checkpoint lacks (a backbone checkpoint's FPN and head)
     keep their initialisation, and the report says so."""
-    loaded, report = load_checkpoint(config.init.checkpoint, config, format=config.init.format)
-    merged = {**keymap.flatten(variables), **keymap.flatten(loaded)}
-    return keymap.unflatten(merged), report
+    fresh = keymap.flatten(variables)
+    loaded, report = load_checkpoint(
+        config.init.checkpoint,
+        config,
+        format=config.init.format,
+        template={path: value.shape for path, value in fresh.items()},
+    )
+    return keymap.unflatten({**fresh, **keymap.flatten(loaded)}), report
 
 
 def convert(checkpoint: str, config, out: str, *, format: str = "auto", overwrite: bool = False):

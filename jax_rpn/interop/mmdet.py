@@ -90,7 +90,7 @@ def from_mmdet(source, config) -> tuple[dict, keymap.LoadReport]:
     return variables, report
 
 
-def convert_state(state: dict, config, *, source: str) -> tuple[dict, keymap.LoadReport]:
+def convert_state(state: dict, config, *, source: str, tmpl=None) -> tuple[dict, keymap.LoadReport]:
     """:func:`from_mmdet` of a state dict already read (``source`` names it)."""
     if not is_mmdet(state):
         raise CheckpointError(
@@ -98,5 +98,7 @@ def convert_state(state: dict, config, *, source: str) -> tuple[dict, keymap.Loa
             f"{sorted(state)[:3]}"
         )
     report = keymap.LoadReport(source=source, format="mmdet")
-    variables = keymap.convert(state, layout(config), config, source=source, report=report)
+    variables = keymap.convert(
+        state, layout(config), config, source=source, report=report, tmpl=tmpl
+    )
     return variables, report

@@ -141,7 +141,7 @@ def from_torchvision(source, config) -> tuple[dict, keymap.LoadReport]:
     return variables, report
 
 
-def convert_state(state: dict, config, *, source: str) -> tuple[dict, keymap.LoadReport]:
+def convert_state(state: dict, config, *, source: str, tmpl=None) -> tuple[dict, keymap.LoadReport]:
     """:func:`from_torchvision` of a state dict already read (``source`` names it)."""
     state = upgrade_legacy_keys(state)
     detector = is_detector(state)
@@ -149,7 +149,7 @@ def convert_state(state: dict, config, *, source: str) -> tuple[dict, keymap.Loa
         source=source, format="torchvision " + ("Faster R-CNN" if detector else "classifier")
     )
     variables = keymap.convert(
-        state, layout(config, detector=detector), config, source=source, report=report
+        state, layout(config, detector=detector), config, source=source, report=report, tmpl=tmpl
     )
     return variables, report
 
