@@ -5,6 +5,8 @@ pipeline reads (``data``, ``seed``, ``batch_size``), for tools that use the data
 allowed values come from the modules that define them.
 """
 
+import os
+
 import jax
 import ml_collections
 
@@ -126,6 +128,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f,
     )
     _one_of(config, "init.format", interop.FORMATS)
+    _optional(config, "init.checkpoint", os.path.exists, "an existing checkpoint file or folder")
     _check_frozen_bn_has_weights(config)
     _one_of(config, "model.objectness", losses.OBJECTNESS_KINDS)
     _one_of(config, "model.dtype", DTYPES)

@@ -283,6 +283,9 @@ def test_frozen_bn_without_weights_is_refused_unless_asked():
     with pytest.raises(ValueError, match="frozen_bn"):
         config_checks.validate(peer)
     peer.init.checkpoint = "R-50.pkl"
+    with pytest.raises(ValueError, match=r"config\.init\.checkpoint must be None or an existing"):
+        config_checks.validate(peer)
+    peer.init.checkpoint = ROOT  # any existing path passes the config check
     config_checks.validate(peer)
 
 

@@ -24,6 +24,7 @@ R50-C4 exactly.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -186,7 +187,7 @@ def from_detectron2(source, config) -> tuple[dict, keymap.LoadReport]:
     :func:`jax_rpn.interop.torchvision.from_torchvision`.
     """
     start = time.perf_counter()
-    path = source if isinstance(source, str) else "state dict"
+    path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "state dict"
     variables, report = convert_state(read_state_dict(source, path=path), config, source=path)
     report.seconds = time.perf_counter() - start
     return variables, report

@@ -21,6 +21,7 @@ mmdet's ImageNet backbones are torchvision's (``torchvision://resnet50``): conve
 
 from __future__ import annotations
 
+import os
 import time
 
 from jax_rpn.interop import keymap
@@ -84,7 +85,7 @@ def from_mmdet(source, config) -> tuple[dict, keymap.LoadReport]:
     """mmdet weights (a ``.pth`` path or a state dict) -> ``(variables, report)``; the return
     value and errors are those of :func:`jax_rpn.interop.torchvision.from_torchvision`."""
     start = time.perf_counter()
-    path = source if isinstance(source, str) else "state dict"
+    path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "state dict"
     variables, report = convert_state(read_state_dict(source, path=path), config, source=path)
     report.seconds = time.perf_counter() - start
     return variables, report

@@ -19,6 +19,7 @@ and ``configs/torchvision_fasterrcnn_r50_fpn_v2.py``.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -135,7 +136,7 @@ def from_torchvision(source, config) -> tuple[dict, keymap.LoadReport]:
       wrongly shaped key; ``UnsafeCheckpointError`` for files that would run code.
     """
     start = time.perf_counter()
-    path = source if isinstance(source, str) else "state dict"
+    path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "state dict"
     variables, report = convert_state(read_state_dict(source, path=path), config, source=path)
     report.seconds = time.perf_counter() - start
     return variables, report
