@@ -244,6 +244,16 @@ def test_cli_converts_once_and_training_reads_the_folder(tmp_path, resnet18):
     jax.tree.map(np.testing.assert_array_equal, loaded, variables)
 
 
+def test_converted_folder_for_another_model_lists_its_variables(tmp_path, resnet18):
+    path, _ = resnet18
+    variables, _ = interop.from_torchvision(path, _config())
+    out = checkpoints.save_variables(str(tmp_path / "w"), variables, config=_config())
+    with pytest.raises(interop.CheckpointMismatchError) as e:
+        interop.load_checkpoint(out, _config(**{"model.backbone": "resnet34"}))
+    # ResNet-34 has 3 blocks in layer1, ResNet-18 2: shapes in jax_rpn's layout.
+    assert "missing" in str(e.value) and "batch_stats/body/layer1_2/norm1/mean [64]" in str(e.value)
+
+
 def test_failed_conversion_writes_nothing(tmp_path):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"PK\x03\x04 not really a zip")

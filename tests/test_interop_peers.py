@@ -402,6 +402,16 @@ def test_caffe2_weights_need_the_msra_convention(tmp_path):
         interop.from_detectron2(str(path), config)
 
 
+def test_caffe2_file_missing_a_norm_lists_its_blobs():
+    state = caffe2_state(9)
+    del state["res3_0_branch2a_bn_s"], state["res3_0_branch2a_bn_b"]
+    with pytest.raises(interop.CheckpointMismatchError) as e:
+        interop.from_detectron2(state, _config(coco_r50_fpn))
+    message = str(e.value)
+    assert f"res3_0_branch2a_bn_s [{2 * WIDTH}]" in message
+    assert f"res3_0_branch2a_bn.mean = 0 [{2 * WIDTH}]" in message  # set only with its blobs
+
+
 def test_detectron2_pixel_mean_must_match_the_config(tmp_path):
     state = detectron2_state(3)
     state["pixel_mean"] = np.array([123.675, 116.28, 103.53], np.float32)  # an RGB model

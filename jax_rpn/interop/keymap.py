@@ -193,11 +193,12 @@ def peer_keys(layout: Layout, tmpl) -> dict[tuple[str, ...], str | float | None]
 
 
 def _hint(path: tuple[str, ...], expected, found) -> str:
-    if path[1] == "head" and path[2] in ("objectness", "deltas") and len(expected) == 4:
+    """For the head's predictors (shapes in jax_rpn's layout, outputs last): anchors per cell."""
+    if path[1] == "head" and path[2] in ("objectness", "deltas") and found:
         per = 4 if path[2] == "deltas" else 1
         return (
-            f" (the config gives {expected[0] // per} anchors per cell: anchors.sizes x "
-            f"aspect_ratios; the file {found[0] // per})"
+            f" (the config gives {expected[-1] // per} anchors per cell: anchors.sizes x "
+            f"aspect_ratios; the file {found[-1] // per})"
         )
     return ""
 
@@ -230,21 +231,22 @@ def place(
     source: str,
     config,
     report: LoadReport,
+    file_shape: Callable[[tuple[int, ...]], tuple[int, ...]] = _peer_shape,
 ) -> dict:
     """Check ``found`` (leaf path -> array in jax_rpn's layout) against the model and return the
     variables (a nested dict holding only what was found).
 
-    ``names`` gives each leaf's name in the file (for messages); ``unexpected`` the file's keys
-    that fit nowhere. Raises :class:`CheckpointMismatchError` listing every problem.
+    ``names`` gives each leaf's name in the file and ``file_shape`` turns a shape into the
+    file's layout (for messages); ``unexpected`` lists the file's keys that fit nowhere. Raises
+    :class:`CheckpointMismatchError` listing every problem.
     """
     wrong = []
     for path, value in found.items():
         expected = tmpl[path]
         if value.shape != expected:
-            exp, got = _peer_shape(expected), _peer_shape(value.shape)
-            wrong.append(
-                f"{names[path]}: expected {list(exp)}, found {list(got)}{_hint(path, exp, got)}"
-            )
+            exp, got = file_shape(expected), file_shape(value.shape)
+            hint = _hint(path, expected, value.shape)
+            wrong.append(f"{names[path]}: expected {list(exp)}, found {list(got)}{hint}")
     missing_by_part: dict[str, list[tuple[str, ...]]] = {}
     for path in tmpl:
         if path not in found:
@@ -256,7 +258,7 @@ def place(
         if part in OPTIONAL_PARTS and part not in present:
             left_random.append(part)
         else:
-            missing += [f"{names[p]} {list(_peer_shape(tmpl[p]))}" for p in paths]
+            missing += [f"{names[p]} {list(file_shape(tmpl[p]))}" for p in paths]
     if missing or unexpected or wrong:
         problems = []
         if missing:
@@ -301,17 +303,20 @@ def convert(
     keys = peer_keys(layout, tmpl)
     found, names, used, filled = {}, {}, set(), {}
     for path, key in keys.items():
-        if isinstance(key, float):
-            continue
-        names[path] = key or f"(none: {layout.name} has no jax_rpn {'/'.join(path[1:-1])})"
-        if key in state:
-            found[path] = _from_peer(np.asarray(state[key]))
-            used.add(key)
+        module = "/".join(path[1:-1])
+        if key is None:
+            names[path] = f"(none: {layout.name} has no jax_rpn {module})"
+        elif isinstance(key, float):
+            names[path] = f"{layout.module_name(module)}.{path[-1]} = {key:g}"
+        else:
+            names[path] = key
+            if key in state:
+                found[path] = _from_peer(np.asarray(state[key]))
+                used.add(key)
     stored = {path[1:-1] for path in found}  # modules (any collection) the file holds
     for path, value in keys.items():  # constants only where their module was loaded
         if isinstance(value, float) and path[1:-1] in stored:
             found[path] = np.full(tmpl[path], value, np.float32)
-            names[path] = f"{layout.module_name('/'.join(path[1:-1]))}.{path[-1]} = {value:g}"
             filled[path[-1]] = filled.get(path[-1], 0) + 1
     unexpected = []
     for key in state:

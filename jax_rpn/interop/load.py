@@ -119,6 +119,7 @@ def from_jax_rpn(path: str, config, *, template=None) -> tuple[dict, keymap.Load
         source=path,
         config=config,
         report=report,
+        file_shape=tuple,
     )
     return variables, report
 
