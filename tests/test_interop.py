@@ -377,19 +377,6 @@ def test_training_starts_from_the_checkpoint_and_freeze_at_holds_the_stem(narrow
     assert len(jax.tree.leaves(state1.opt_state)) < 2 * len(flat0)  # no momentum for frozen
 
 
-def test_freeze_at_selects_detectron2_stages():
-    resnet = frozen_parameters("resnet50", 2)
-    assert resnet(("body", "conv1", "kernel")) and resnet(("body", "layer1_2", "conv3", "kernel"))
-    assert not resnet(("body", "layer2_0", "conv1", "kernel"))
-    assert not resnet(("neck", "lateral2", "kernel"))
-    assert frozen_parameters("resnet50", 0) is None
-    assert frozen_parameters("resnet50", 5)(("body", "layer4_2", "conv3", "kernel"))
-    vgg = frozen_parameters("vgg16", 2)
-    assert vgg(("body", "conv2_2", "kernel")) and not vgg(("body", "conv3_1", "kernel"))
-    with pytest.raises(ValueError, match="freeze_at"):
-        frozen_parameters("resnet50", 6)
-
-
 def test_report_summary_and_dict():
     report = keymap.LoadReport(
         source="x.pth", format="torchvision classifier", loaded=3, loaded_parts=("body",)
