@@ -10,13 +10,29 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Data (jax_rpn.data).
     c.data = ml_collections.ConfigDict()
-    c.data.name = "rpn_shapes"  # tfds builder name: rpn_shapes, voc/2007, voc/2012, coco/2017
+    # tfds builder name: rpn_shapes, voc/2007, voc/2012, coco/2017, or users' own data:
+    # coco_json, voc_folder (jax_rpn.data.user_datasets; prepared on first use, or with
+    # `python -m jax_rpn.data.prepare`).
+    c.data.name = "rpn_shapes"
     c.data.data_dir = ml_collections.config_dict.placeholder(str)  # None = tfds default
-    c.data.train_split = "train"  # tfds split expression, e.g. "train+validation"
-    c.data.eval_split = "validation"  # split whose proposal recall is reported
+    # tfds split expressions, e.g. "train+validation", "train[:90%]"; voc_folder: names of
+    # ImageSets/Main files (trainval, test). eval_split is the split whose recall is reported.
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    # coco_json: the COCO JSON of split "train" and the folder its file_names are relative to,
+    # and (optional) the same for split "validation".
+    c.data.train_annotations = ml_collections.config_dict.placeholder(str)
+    c.data.train_images = ml_collections.config_dict.placeholder(str)
+    c.data.eval_annotations = ml_collections.config_dict.placeholder(str)
+    c.data.eval_images = ml_collections.config_dict.placeholder(str)
+    # voc_folder: the folder holding Annotations/, JPEGImages/ and ImageSets/Main/.
+    c.data.voc_root = ml_collections.config_dict.placeholder(str)
     c.data.short_side = 256  # resize so the shorter side is this ...
     c.data.max_size = 256  # ... unless the longer side would pass this
     c.data.pad_to = (256, 256)  # static padded image size (H, W), divisible by the largest stride
+    # Also pad to the transpose of pad_to: landscape and portrait buckets, each batch from one,
+    # one compile each (jax_rpn/data/buckets.py); e.g. pad_to (800, 1344) for COCO.
+    c.data.aspect_buckets = False
     c.data.max_boxes = 16  # padded ground-truth slots per image
     c.data.hflip = True  # random horizontal flips in training
     c.data.ignore_difficult = True  # VOC "difficult" / COCO crowd: ignored in targets and recall

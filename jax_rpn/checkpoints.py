@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jax_rpn import files
 
 CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
@@ -71,7 +71,7 @@ def _like(default, value):
 def write_config(directory: str, config: ml_collections.ConfigDict) -> str:
     """Write ``config.json`` into ``directory`` atomically; returns its path."""
     path = os.path.join(directory, CONFIG_FILE)
-    _write_text_atomic(path, config_to_json(config) + "\n")
+    files.write_text(path, config_to_json(config) + "\n")
     return path
 
 
@@ -88,21 +88,6 @@ def read_config(directory: str) -> ml_collections.ConfigDict | None:
     return config_from_dict(values, source=path)
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    _default_mode(tmp, 0o666)
-    os.replace(tmp, path)
-
-
-def _default_mode(path: str, mode: int) -> None:
-    """Give a temporary file or folder the mode an ordinary one would get (mode & ~umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
-
-
 def save_variables(
     out_dir: str,
     variables: dict,
@@ -117,27 +102,14 @@ def save_variables(
     complete, so an interrupted save leaves no folder that looks usable. An existing
     ``out_dir`` is an error unless ``overwrite``.
     """
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; choose another output folder or overwrite it")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
-    _default_mode(tmp, 0o777)
-    try:
+    with files.atomic_dir(out_dir, overwrite=overwrite) as tmp:
         tree = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.join(tmp, VARIABLES_DIR), tree)
         checkpointer.wait_until_finished()
         write_config(tmp, config)
-        _write_text_atomic(os.path.join(tmp, REPORT_FILE), json.dumps(report or {}, indent=1))
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+        files.write_text(os.path.join(tmp, REPORT_FILE), json.dumps(report or {}, indent=1))
+    return os.path.abspath(out_dir)
 
 
 def load_variables(path: str) -> tuple[dict, ml_collections.ConfigDict | None, int | None]:

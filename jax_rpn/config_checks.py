@@ -5,8 +5,6 @@ pipeline reads (``data``, ``seed``, ``batch_size``), for tools that use the data
 allowed values come from the modules that define them.
 """
 
-import os
-
 import jax
 import ml_collections
 
@@ -46,6 +44,7 @@ def _optional(config, field: str, ok, expected: str) -> None:
 
 def validate_data(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming the first invalid field the input pipeline reads."""
+    from jax_rpn.data import user_datasets
     from jax_rpn.data.pipeline import FAMILIES  # the pipeline validates with this module
 
     d = config.data
@@ -53,7 +52,7 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
         d.name.split("/")[0] in FAMILIES,
         "data.name",
         f"a dataset of one of the families {tuple(FAMILIES)} (e.g. rpn_shapes, voc/2007, "
-        "coco/2017)",
+        "coco/2017, coco_json)",
         d.name,
     )
     for field in ("batch_size", "data.max_boxes"):
@@ -71,12 +70,21 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
         f"a positive int at most config.data.max_size ({d.max_size})",
         d.short_side,
     )
-    _require(
-        d.max_size <= min(pad),
-        "data.max_size",
-        f"<= both sides of data.pad_to {pad} (images of either orientation must fit)",
-        d.max_size,
-    )
+    if d.aspect_buckets:  # landscape images go to pad_to's wide bucket, portrait to its tall one
+        _require(
+            d.short_side <= min(pad) and d.max_size <= max(pad),
+            "data.short_side/max_size",
+            f"<= the short and long side of data.pad_to {pad} (with aspect_buckets)",
+            (d.short_side, d.max_size),
+        )
+    else:
+        _require(
+            d.max_size <= min(pad),
+            "data.max_size",
+            f"<= both sides of data.pad_to {pad} (images of either orientation must fit; or "
+            "set data.aspect_buckets)",
+            d.max_size,
+        )
     _require(
         isinstance(d.num_workers, int) and d.num_workers >= 0,
         "data.num_workers",
@@ -96,6 +104,7 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:
         raise ValueError(f"config.data (pixel_mean, pixel_std, channel_order): {e}") from None
     _require(0 <= config.seed < 2**32, "seed", "in [0, 2**32)", config.seed)
+    user_datasets.check_config(d)  # coco_json / voc_folder: their fields, files and splits
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -128,7 +137,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f,
     )
     _one_of(config, "init.format", interop.FORMATS)
-    _optional(config, "init.checkpoint", os.path.exists, "an existing checkpoint file or folder")
     _check_frozen_bn_has_weights(config)
     _one_of(config, "model.objectness", losses.OBJECTNESS_KINDS)
     _one_of(config, "model.dtype", DTYPES)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_rpn.boxes import pairwise_iou
+from jax_rpn.shape_checks import check_shape
 
 # Sorted boxes per tile, and kept boxes compared with a tile per inner step. On XLA CPU
 # (benchmarks/nms.py) 128 to 256 are equally fast for RPN-sized inputs; bigger tiles waste
@@ -38,16 +39,10 @@ _PACKED_SORT_MAX_N = 46340
 
 
 def _check_static(boxes, scores, groups, iou_threshold, max_output):
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must have shape [N, 4] (x1, y1, x2, y2), got {boxes.shape}")
-    n = boxes.shape[0]
-    if scores.shape != (n,):
-        raise ValueError(f"scores must have shape [N] = ({n},) like boxes, got {scores.shape}")
+    n = check_shape(boxes, "boxes", "[N, 4]")
+    check_shape(scores, "scores", "[N]", dtype="real", sizes=n)
     if groups is not None:
-        if groups.shape != (n,):
-            raise ValueError(f"groups must have shape [N] = ({n},) like boxes, got {groups.shape}")
-        if not jnp.issubdtype(groups.dtype, jnp.integer):
-            raise ValueError(f"groups must be integers, got dtype {groups.dtype}")
+        check_shape(groups, "groups", "[N]", dtype="int", sizes=n)
     if not isinstance(iou_threshold, numbers.Real) or not 0.0 <= iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must be a number in [0, 1], got {iou_threshold!r}")
     if (
@@ -188,8 +183,8 @@ def nms(boxes: jax.Array, scores: jax.Array, *, iou_threshold: float, max_output
     Returns ``(indices [max_output] int32, num_valid int32)``: indices into ``boxes`` of the
     kept boxes in descending score order, padded with -1 after the first ``num_valid``.
     """
-    boxes, scores = jnp.asarray(boxes), jnp.asarray(scores)
     _check_static(boxes, scores, None, iou_threshold, max_output)
+    boxes, scores = jnp.asarray(boxes), jnp.asarray(scores)
     return _nms_jit(boxes, scores, None, iou_threshold=iou_threshold, max_output=max_output)
 
 
@@ -209,6 +204,6 @@ def batched_nms(
     equality (exact, unlike a coordinate offset). Returns ``(indices [max_output] int32,
     num_valid int32)`` as :func:`nms`.
     """
-    boxes, scores, groups = jnp.asarray(boxes), jnp.asarray(scores), jnp.asarray(groups)
     _check_static(boxes, scores, groups, iou_threshold, max_output)
+    boxes, scores, groups = jnp.asarray(boxes), jnp.asarray(scores), jnp.asarray(groups)
     return _nms_jit(boxes, scores, groups, iou_threshold=iou_threshold, max_output=max_output)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from jax_rpn import boxes as box_ops
 from jax_rpn import matching, sampling
+from jax_rpn.shape_checks import check_shape
 
 
 def anchor_targets(
@@ -46,6 +47,7 @@ def anchor_targets(
       ignored. ``box_targets`` float32 ``[N, 4]``: ``encode(anchor, matched gt)`` for sampled
       positives, 0 elsewhere.
     """
+    sampling.check_key(key)
     matched_gt, labels = matching.match(
         anchors,
         gt_boxes,
@@ -87,10 +89,9 @@ def batch_anchor_targets(
     already (one per image). Returns ``labels`` int32 ``[B, N]`` and ``box_targets`` float32
     ``[B, N, 4]``.
     """
+    sizes = matching.check_inputs(anchors, gt_boxes, gt_valid, gt_ignore, image_hw, batched=True)
+    keys = _per_image_keys(key, sizes["B"])
     gt_boxes = jnp.asarray(gt_boxes)
-    if gt_boxes.ndim != 3:
-        raise ValueError(f"gt_boxes must have shape [B, G, 4], got {gt_boxes.shape}")
-    keys = _per_image_keys(key, gt_boxes.shape[0])
 
     def one(k, boxes, valid, ignore, hw):
         return anchor_targets(k, anchors, boxes, valid, gt_ignore=ignore, image_hw=hw, **settings)
@@ -101,9 +102,12 @@ def batch_anchor_targets(
 
 def _per_image_keys(key: jax.Array, batch_size: int) -> jax.Array:
     """``[B]`` keys: ``key`` itself when it holds one key per image already, else split."""
-    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-    if key.ndim == (1 if typed else 2):
-        if key.shape[0] != batch_size:
-            raise ValueError(f"key holds {key.shape[0]} per-image keys for {batch_size} images")
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+    if getattr(key, "ndim", None) == (1 if typed else 2):
+        check_shape(
+            key, "key (one per image)", "[B]" if typed else "[B, K]", sizes={"B": batch_size}
+        )
         return key
+    sampling.check_key(key, name="key (one key, or one per image)")
     return jax.random.split(key, batch_size)

@@ -6,8 +6,9 @@ The per-device ``train_step`` and ``eval_step`` are wrapped for all devices in o
 
 import contextlib
 import functools
-import json
 import os
+import shutil
+import sys
 import time
 from typing import Any
 
@@ -21,12 +22,15 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from jax_rpn import checkpoints as checkpoints_lib
 from jax_rpn import config_checks, inference, interop, parallel, recall, viz
+from jax_rpn import workdir as workdir_lib
 from jax_rpn.data import pipeline
+from jax_rpn.data.augment import denormalize
 from jax_rpn.models import build_rpn, frozen_parameters, init_variables
 from jax_rpn.objective import rpn_objective
 from jax_rpn.optim import create_optimizer
-from jax_rpn.settings import LossSettings, ProposalSettings, TargetSettings
+from jax_rpn.settings import LossSettings, PixelSettings, ProposalSettings, TargetSettings
 
 
 @flax.struct.dataclass
@@ -40,13 +44,13 @@ class TrainState:
     key: jax.Array  # base PRNG key; step and image keys are folded in from it
 
 
-def create_train_state(config, model, tx, key) -> TrainState:
-    """Initialise parameters at the configured padded image size, then load
-    ``config.init.checkpoint`` over them (printing what was loaded and what was not)."""
+def create_train_state(config, model, tx, key, *, load_init: bool = True) -> TrainState:
+    """Initialise parameters at the configured padded image size, then (``load_init``) load
+    ``config.init.checkpoint`` over them, printing what was loaded and what was not."""
     init_key, state_key = jax.random.split(key)
     h, w = config.data.pad_to
     variables = init_variables(model, init_key, (1, h, w, 3))
-    if config.init.checkpoint:
+    if load_init and config.init.checkpoint:
         variables, report = interop.initialize(variables, config)
         if jax.process_index() == 0:
             print(report.summary(), flush=True)
@@ -148,13 +152,16 @@ def model_state_collections(config) -> tuple[str, ...]:
 
 
 class Trainer:
-    """Builds the model, optimizer, steps, data and checkpoints for one config and workdir."""
+    """Builds the model, optimizer, steps, data and checkpoints for one config and workdir.
+
+    Building touches no file: the workdir is created (and the config stored) when
+    :meth:`train` starts, so a run rejected while building leaves nothing behind.
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-        config_checks.validate(config)
         self.config = config
         self.workdir = os.path.abspath(workdir)
-        os.makedirs(self.workdir, exist_ok=True)
+        self.lead = jax.process_index() == 0
         self.mode = config.parallelism
         self.mesh = parallel.data_mesh()
         self.model = build_rpn(config, axis_name=parallel.AXIS)
@@ -163,9 +170,18 @@ class Trainer:
             config.num_train_steps,
             frozen=frozen_parameters(config.model.backbone, config.model.freeze_at),
         )
+        self.train_iter = pipeline.create_train_iterator(config)
         self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self._checkpoints = None
+        resuming = self.latest_step() is not None  # then the workdir's weights replace init's
         self.state = jax.device_put(
-            create_train_state(config, build_rpn(config), self.tx, jax.random.PRNGKey(config.seed)),
+            create_train_state(
+                config,
+                build_rpn(config),
+                self.tx,
+                jax.random.PRNGKey(config.seed),
+                load_init=not resuming,
+            ),
             self.replicated,
         )
         train_step = make_train_step(config, self.model, self.tx, self.schedule)
@@ -176,20 +192,31 @@ class Trainer:
         self.p_eval_step = parallel.parallelize(
             eval_step, mode=self.mode, mesh=self.mesh, replicated_out=(False, True)
         )
-        self.train_iter = pipeline.create_train_iterator(config)
-        self.checkpoints = ocp.CheckpointManager(
-            os.path.join(self.workdir, "checkpoints"),
-            item_names=("state", "data"),
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=config.keep_checkpoints, create=True, enable_async_checkpointing=False
-            ),
-        )
 
     # Checkpoints -------------------------------------------------------------------------
 
+    @property
+    def checkpoints(self) -> ocp.CheckpointManager:
+        if self._checkpoints is None:
+            self._checkpoints = ocp.CheckpointManager(
+                os.path.join(self.workdir, checkpoints_lib.CHECKPOINTS_DIR),
+                item_names=("state", "data"),
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=self.config.keep_checkpoints,
+                    create=True,
+                    enable_async_checkpointing=False,
+                ),
+            )
+        return self._checkpoints
+
+    def latest_step(self) -> int | None:
+        """The step of the workdir's latest checkpoint, or None (reads without creating)."""
+        path = os.path.join(self.workdir, checkpoints_lib.CHECKPOINTS_DIR)
+        return self.checkpoints.latest_step() if os.path.isdir(path) else None
+
     def restore(self) -> bool:
         """Resume from the latest checkpoint in the workdir; False if there is none."""
-        step = self.checkpoints.latest_step()
+        step = self.latest_step()
         if step is None:
             return False
         restored = self.checkpoints.restore(
@@ -227,7 +254,7 @@ class Trainer:
             desc="eval",
             unit="batch",
             leave=False,
-            disable=jax.process_index() != 0,
+            disable=not (self.lead and _interactive()),
         )
         for batch in batches:
             props, (stats, bad) = self.p_eval_step(
@@ -240,9 +267,27 @@ class Trainer:
                 vis = (batch, jax.tree.map(unshard, props))
         result = acc.result()
         result["nonfinite_proposals"] = nonfinite
-        if jax.process_index() == 0:
-            step = int(self.state.step) if step is None else step
+        step = int(self.state.step) if step is None else step
+        if self.lead:
             self._write_eval_pictures(acc, vis, step, writer)
+            if nonfinite:
+                num = result["num_images"] * config.proposals.post_nms_topk_test
+                _warn(
+                    f"step {step}: {nonfinite} anchors of {result['num_images']} eval images "
+                    f"gave non-finite scores or boxes ({num} proposal slots): the model is "
+                    f"diverging. {_LIKELY_CAUSES(config)}"
+                )
+        return result
+
+    def evaluate_and_record(self) -> dict[str, float]:
+        """Evaluate the current state, print the recall table and record it in
+        ``metrics.jsonl`` (replacing an earlier evaluation of the same step)."""
+        step = int(self.state.step)
+        result = self.evaluate(step=step)
+        if self.lead:
+            log = workdir_lib.MetricsLog(os.path.join(self.workdir, "metrics.jsonl"))
+            log.write(step, "eval", result)
+            print(recall.format_recall_table(result, title=f"Recall at step {step}"))
         return result
 
     def _write_eval_pictures(self, acc, vis, step, writer):
@@ -257,8 +302,9 @@ class Trainer:
         if vis is not None:
             batch, props = vis
             n = min(self.config.num_vis_images, len(batch["image"]))
+            pixels = PixelSettings.from_config(self.config)
             grid = viz.plot_proposal_grid(
-                batch["image"][:n],
+                denormalize(batch["image"][:n], pixels),
                 batch["boxes"][:n],
                 batch["valid"][:n],
                 props.boxes[:n],
@@ -273,17 +319,49 @@ class Trainer:
 
     # Training ----------------------------------------------------------------------------
 
-    def train(self) -> dict[str, float]:
-        """Train to ``config.num_train_steps`` (resuming if possible); returns final recall."""
+    def train(self, *, restart: bool = False, changes=()) -> dict[str, float]:
+        """Train to ``config.num_train_steps`` (resuming if possible); returns final recall.
+
+        ``restart`` first removes a previous run's files from the workdir; ``changes`` (from
+        :func:`jax_rpn.workdir.prepare`) are announced. A finished run prints its stored final
+        recall and returns it without evaluating again.
+        """
         from tensorboardX import SummaryWriter
 
         config = self.config
+        if restart and self.lead:
+            removed = workdir_lib.clear(self.workdir)
+            if removed:
+                print(f"Starting over in {self.workdir}: removed {', '.join(removed)}", flush=True)
+        if self.lead:
+            os.makedirs(self.workdir, exist_ok=True)
+            checkpoints_lib.write_config(self.workdir, config)
+        log = workdir_lib.MetricsLog(os.path.join(self.workdir, "metrics.jsonl"))
         resumed = self.restore()
         start = int(self.state.step)
-        lead = jax.process_index() == 0
-        if resumed and lead:
-            print(f"Resumed from checkpoint at step {start} in {self.workdir}", flush=True)
-        if lead:
+        log.truncate(start)
+        if start > config.num_train_steps:
+            raise ValueError(
+                f"{self.workdir} has a checkpoint at step {start}, past "
+                f"config.num_train_steps={config.num_train_steps}: evaluate it with --mode eval, "
+                "or train longer"
+            )
+        final = log.find(start, "eval")
+        if start == config.num_train_steps and final is not None:
+            result = {k: v for k, v in final.items() if k not in ("step", "split")}
+            if self.lead:
+                print(
+                    f"The run in {self.workdir} is complete (step {start} of {start}); its final "
+                    "recall, from metrics.jsonl (--mode eval evaluates again; a larger "
+                    "--config.num_train_steps trains on):"
+                )
+                print(recall.format_recall_table(result, title=f"Recall at step {start}"))
+            return result
+        if self.lead:
+            for field, old, new in changes:
+                print(f"Changed on resume: {field} {old!r} -> {new!r}", flush=True)
+            if resumed:
+                print(f"Resumed from checkpoint at step {start} in {self.workdir}", flush=True)
             devices = jax.devices()
             print(
                 f"Training on {len(devices)} {devices[0].platform} device(s) in "
@@ -292,46 +370,49 @@ class Trainer:
                 flush=True,
             )
         with contextlib.ExitStack() as stack:
-            writer = metrics_file = None
-            if lead:
+            writer = None
+            if self.lead:
                 writer = stack.enter_context(
                     SummaryWriter(os.path.join(self.workdir, "tensorboard"))
-                )
-                metrics_file = stack.enter_context(
-                    open(os.path.join(self.workdir, "metrics.jsonl"), "a")
                 )
             bar = stack.enter_context(
                 tqdm(
                     total=config.num_train_steps,
                     initial=start,
-                    disable=not lead,
+                    disable=not (self.lead and _interactive()),
                     desc="train",
                     unit="step",
                     dynamic_ncols=True,
                 )
             )
+            monitor = _DivergenceMonitor(config)
             pending = None  # the previous step's metrics, read one step late (device busy)
             history = []
             t0, steps_timed = time.perf_counter(), 0
             for step in range(start + 1, config.num_train_steps + 1):
                 batch = parallel.shard_batch(next(self.train_iter), mode=self.mode, mesh=self.mesh)
-                self.state, metrics = self.p_train_step(self.state, batch)
+                if step == start + 1:
+                    self.state, metrics = self._first_step(batch, bar)
+                    t0 = time.perf_counter()
+                else:
+                    self.state, metrics = self.p_train_step(self.state, batch)
+                    steps_timed += 1
                 if pending is not None:
                     history.append(self._check(*pending))
                 pending = (step, metrics)
-                steps_timed += 1
                 bar.update(1)
                 last = step == config.num_train_steps
                 if step % config.log_every == 0 or last:
                     history.append(self._check(*pending))
                     pending = None
-                    rate = steps_timed / (time.perf_counter() - t0)
                     summary = _mean_metrics(history)
-                    summary["steps_per_sec"] = rate
+                    if steps_timed:
+                        summary["steps_per_sec"] = steps_timed / (time.perf_counter() - t0)
                     history, t0, steps_timed = [], time.perf_counter(), 0
-                    bar.set_postfix(loss=f"{summary['loss']:.4f}", steps_s=f"{rate:.2f}")
-                    if lead:
-                        _write_metrics(writer, metrics_file, step, summary, prefix="train")
+                    if self.lead:
+                        monitor.update(step, summary)
+                        _log_train(bar, step, config.num_train_steps, summary)
+                        _write_metrics(writer, log, step, summary, prefix="train")
                 if step % config.checkpoint_every == 0 or last:
                     if pending is not None:
                         history.append(self._check(*pending))
@@ -339,16 +420,29 @@ class Trainer:
                     self.save()
                 if step % config.eval_every == 0 and not last:
                     result = self.evaluate(writer=writer, step=step)
-                    if lead:
-                        _write_metrics(writer, metrics_file, step, result, prefix="eval")
+                    if self.lead:
+                        _write_metrics(writer, log, step, result, prefix="eval")
                         bar.write(f"step {step}: " + recall.short_recall(result))
             bar.close()
             result = self.evaluate(writer=writer)
-            if lead:
+            if self.lead:
                 step = int(self.state.step)
-                _write_metrics(writer, metrics_file, step, result, prefix="eval")
+                _write_metrics(writer, log, step, result, prefix="eval")
                 print(recall.format_recall_table(result, title=f"Recall at step {step}"))
             return result
+
+    def _first_step(self, batch, bar):
+        """The first step of a run, which compiles the train step: timed and announced."""
+        message = "Compiling the train step ..."
+        if self.lead:
+            bar.write(message) if _interactive() else print(message, flush=True)
+        t = time.perf_counter()
+        state, metrics = self.p_train_step(self.state, batch)
+        jax.block_until_ready(metrics)
+        if self.lead:
+            done = f"Compiled and ran the first step in {time.perf_counter() - t:.1f} s"
+            bar.write(done) if _interactive() else print(done, flush=True)
+        return state, metrics
 
     def _check(self, step, metrics):
         metrics = jax.device_get(metrics)
@@ -356,21 +450,76 @@ class Trainer:
             raise FloatingPointError(
                 f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}); "
                 f"training stopped, the last good checkpoint in {self.workdir} is kept. "
-                "Lower optim.learning_rate or set optim.grad_clip_norm."
+                f"{_LIKELY_CAUSES(self.config)}"
             )
         return {k: float(v) for k, v in metrics.items()}
+
+
+def _interactive() -> bool:
+    """Progress bars only on a terminal (tqdm writes to stderr); plain lines otherwise."""
+    return sys.stderr.isatty()
+
+
+def _warn(message: str) -> None:
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def _LIKELY_CAUSES(config) -> str:  # noqa: N802 (reads as a phrase)
+    causes = [f"the learning rate (optim.learning_rate={config.optim.learning_rate})"]
+    if config.model.norm == "frozen_bn":
+        causes.append("frozen BN without pretrained weights (model.norm=frozen_bn)")
+    if config.model.dtype != "float32":
+        causes.append(f"a {config.model.dtype} overflow (model.dtype)")
+    return "Likely causes: " + "; ".join(causes) + "."
+
+
+class _DivergenceMonitor:
+    """Warns once when the logged loss or gradient norm grows 100x over its lowest value."""
+
+    FACTOR = 100.0
+
+    def __init__(self, config):
+        self.config = config
+        self.lowest: dict[str, float] = {}
+        self.warned = False
+
+    def update(self, step: int, summary: dict) -> None:
+        for key in ("loss", "grad_norm"):
+            value = summary.get(key)
+            if value is None:
+                continue
+            low = self.lowest.get(key)
+            if low is not None and value > self.FACTOR * max(low, 1e-8) and not self.warned:
+                self.warned = True
+                _warn(
+                    f"step {step}: {key} {value:.4g} is over {self.FACTOR:g}x its lowest logged "
+                    f"value {low:.4g}: the run is diverging. {_LIKELY_CAUSES(self.config)}"
+                )
+            self.lowest[key] = value if low is None else min(low, value)
+
+
+def _log_train(bar, step, total, summary):
+    """The logged training metrics: on the bar on a terminal, as a plain line otherwise."""
+    rate = summary.get("steps_per_sec")
+    if _interactive():
+        postfix = {"loss": f"{summary['loss']:.4f}"}
+        if rate:
+            postfix["steps_s"] = f"{rate:.2f}"
+        bar.set_postfix(postfix)
+    else:
+        speed = f", {rate:.2f} steps/s" if rate else ""
+        print(f"step {step}/{total}: loss {summary['loss']:.4f}{speed}", flush=True)
 
 
 def _mean_metrics(history):
     return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
 
 
-def _write_metrics(writer, metrics_file, step, metrics, *, prefix):
+def _write_metrics(writer, log, step, metrics, *, prefix):
     for k, v in metrics.items():
         writer.add_scalar(f"{prefix}/{k.replace('@', '_')}", v, step)
     writer.flush()
-    metrics_file.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
-    metrics_file.flush()
+    log.write(step, prefix, metrics)
 
 
 def set_up_compilation_cache(workdir: str) -> None:
@@ -382,19 +531,52 @@ def set_up_compilation_cache(workdir: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Train (resuming from ``workdir`` if it holds a checkpoint), then report recall."""
-    set_up_compilation_cache(workdir)
-    return Trainer(config, workdir).train()
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, restart: bool = False
+) -> dict[str, float]:
+    """Train (resuming from ``workdir`` if it holds a checkpoint), then report recall.
+
+    ``restart`` starts over in a workdir whose config differs in fields that cannot change on
+    resume (:mod:`jax_rpn.workdir`). See :func:`setup_training` for what is checked first.
+    """
+    trainer, changes = setup_training(config, workdir, restart=restart)
+    return trainer.train(restart=restart, changes=changes)
+
+
+def setup_training(config, workdir: str, *, restart: bool = False):
+    """Check ``config`` and the workdir and build the :class:`Trainer` -> ``(trainer,
+    resumable changes)``. Raises ValueError / FileNotFoundError with a readable message (bad
+    config, config changed, dataset not prepared) and then leaves no new workdir behind."""
+    config_checks.validate(config)
+    changes = workdir_lib.prepare(config, workdir, restart=restart)
+    existed = os.path.isdir(workdir)
+    try:
+        set_up_compilation_cache(workdir)
+        return Trainer(config, workdir), changes
+    except BaseException:
+        if not existed:
+            shutil.rmtree(workdir, ignore_errors=True)  # e.g. the compilation cache
+        raise
+
+
+def setup_evaluation(config: ml_collections.ConfigDict, workdir: str) -> Trainer:
+    """A :class:`Trainer` restored from ``workdir``'s latest checkpoint, for evaluation.
+
+    Raises FileNotFoundError (no checkpoint; nothing is created) or the errors of
+    :func:`setup_training` (a config that changes the model, anchors, ... of the workdir's).
+    """
+    missing = FileNotFoundError(
+        f"no checkpoint in {os.path.join(workdir, checkpoints_lib.CHECKPOINTS_DIR)}: train "
+        "first, or point --workdir at a training workdir"
+    )
+    if not os.path.isdir(os.path.join(workdir, checkpoints_lib.CHECKPOINTS_DIR)):
+        raise missing
+    trainer, _ = setup_training(config, workdir)
+    if not trainer.restore():
+        raise missing
+    return trainer
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Evaluate the latest checkpoint in ``workdir`` and print the recall table."""
-    set_up_compilation_cache(workdir)
-    trainer = Trainer(config, workdir)
-    if not trainer.restore():
-        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
-    result = trainer.evaluate()
-    if jax.process_index() == 0:
-        print(recall.format_recall_table(result, title=f"Recall at step {int(trainer.state.step)}"))
-    return result
+    """Evaluate the latest checkpoint in ``workdir`` (:meth:`Trainer.evaluate_and_record`)."""
+    return setup_evaluation(config, workdir).evaluate_and_record()

@@ -57,3 +57,23 @@ def test_config_json_round_trip_and_unknown_fields(tmp_path):
 def test_load_variables_names_what_it_looked_for(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoints/<step>/.*variables/"):
         checkpoints.load_variables(str(tmp_path))
+
+
+def test_atomic_writes_leave_the_old_file_or_nothing(tmp_path):
+    from jax_rpn import files
+
+    path = str(tmp_path / "report.txt")
+    files.write_text(path, "first\n")
+    with pytest.raises(KeyboardInterrupt), files.atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise KeyboardInterrupt
+    assert open(path).read() == "first\n"
+    assert os.listdir(tmp_path) == ["report.txt"]  # no temporary file left
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -298,11 +298,11 @@ def test_curves():
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match="boxes, scores, valid"):
+    with pytest.raises(ValueError, match=r"scores must have shape \[K\] with K = 3"):
         recall.recall_stats(
             jnp.zeros((3, 4)), jnp.zeros(2), jnp.ones(3, bool), jnp.zeros((1, 4)), jnp.ones(1, bool)
         )
-    with pytest.raises(ValueError, match="gt_boxes"):
+    with pytest.raises(ValueError, match=r"gt_valid must have shape \[G\] with G = 1"):
         recall.recall_stats(
             jnp.zeros((3, 4)), jnp.zeros(3), jnp.ones(3, bool), jnp.zeros((1, 4)), jnp.ones(2, bool)
         )

@@ -26,6 +26,8 @@ example's flip, are the same whatever the number of hosts and devices.
 Datasets (`config.data.name`):
 - `rpn_shapes`, `rpn_shapes/small`: the embedded synthetic data (`jax_rpn.data.shapes`),
   prepared on first use.
+- `coco_json`, `voc_folder`: users' own data, a COCO JSON + image folder per split or a VOC
+  folder (`jax_rpn.data.user_datasets`), prepared on first use.
 - `voc/2007`, `voc/2012` (tfds; `objects/is_difficult` -> ignore; splits train, validation,
   test (without boxes in 2012); e.g. `train_split="train+validation"`) and `coco/2017` (tfds;
   `objects/is_crowd` -> ignore; splits train, validation). They must be prepared beforehand,
@@ -56,12 +58,17 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from jax_rpn import config_checks
-from jax_rpn.data import augment, shapes
+from jax_rpn.data import augment, buckets, shapes, user_datasets
 from jax_rpn.settings import PixelSettings
 
 # The dataset families (`config.data.name` up to the first "/") and the box flag each turns
 # into `ignore`.
-FAMILIES = {"rpn_shapes": None, "voc": "is_difficult", "coco": "is_crowd"}
+FAMILIES = {
+    "rpn_shapes": None,
+    "voc": "is_difficult",
+    "coco": "is_crowd",
+    **user_datasets.IGNORE_FEATURE,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +79,8 @@ class DatasetInfo:
     class_names: tuple[str, ...]
     num_train_examples: int
     num_eval_examples: int  # after num_eval_images
-    num_eval_batches: int  # global batches of one eval pass (the last one padded)
-    image_hw: tuple[int, int]  # padded image size (H, W)
+    num_eval_batches: int  # global batches of one eval pass (each bucket's last one padded)
+    padded_shapes: tuple[tuple[int, int], ...]  # the buckets' padded image sizes (H, W)
     max_boxes: int
 
 
@@ -84,7 +91,7 @@ class _Settings:
     family: str
     short_side: int
     max_size: int
-    pad_hw: tuple[int, int]
+    pad_hw: tuple[int, int]  # this bucket's padded size
     max_boxes: int
     ignore_difficult: bool
     hflip: bool
@@ -192,6 +199,80 @@ class _EvalExample(grain.transforms.Map):
         return _process(self._source[position], position, settings=self._settings, flip=False)
 
 
+def _padded_shapes(config) -> tuple[tuple[int, int], ...]:
+    d = config.data
+    return buckets.padded_shapes(d.pad_to, aspect_buckets=d.aspect_buckets)
+
+
+def _bucket_ids(config, builder, split: str) -> np.ndarray:
+    """The bucket of every record of ``split`` (all 0 with a single padded shape)."""
+    shapes_ = _padded_shapes(config)
+    if len(shapes_) == 1:
+        return np.zeros(builder.info.splits[split].num_examples, np.int32)
+    d = config.data
+    sizes = _cached_sizes(builder.data_dir, split, builder)
+    return buckets.bucket_ids(sizes, shapes_, short_side=d.short_side, max_size=d.max_size)
+
+
+_SIZES: dict[tuple[str, str], np.ndarray] = {}
+
+
+def _cached_sizes(data_dir: str, split: str, builder) -> np.ndarray:
+    key = (str(data_dir), split)
+    if key not in _SIZES:
+        _SIZES[key] = buckets.record_sizes(builder, split)
+    return _SIZES[key]
+
+
+def _stack(examples: list[dict]) -> dict:
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+class _BucketTrainBatch:
+    """``(batch position, (bucket, global batch of record indices))`` -> this host's rows,
+    processed at the bucket's padded size, each flipped with probability 1/2 (hflip) from an
+    rng of (seed, batch position, row in the global batch)."""
+
+    def __init__(self, source, settings: _Settings, shapes_, rows: range, seed: int):
+        self._source, self._settings, self._shapes = source, settings, shapes_
+        self._rows, self._seed = rows, seed
+
+    def __call__(self, position: int, element) -> dict:
+        bucket, indices = element
+        settings = dataclasses.replace(self._settings, pad_hw=self._shapes[bucket])
+        examples = []
+        for row in self._rows:
+            index = int(indices[row])
+            rng = np.random.default_rng([self._seed, int(position), row])
+            flip = settings.hflip and bool(rng.random() < 0.5)
+            examples.append(_process(self._source[index], index, settings=settings, flip=flip))
+        return _stack(examples)
+
+
+class _BucketEvalBatch:
+    """``(bucket, positions)`` -> this host's rows at the bucket's size (-1: blank)."""
+
+    def __init__(self, source, settings: _Settings, shapes_, rows: range):
+        self._source, self._settings, self._shapes, self._rows = source, settings, shapes_, rows
+
+    def __call__(self, element) -> dict:
+        bucket, positions = element
+        settings = dataclasses.replace(self._settings, pad_hw=self._shapes[bucket])
+        return _stack(
+            [
+                _blank(settings)
+                if positions[row] < 0
+                else _process(
+                    self._source[int(positions[row])],
+                    int(positions[row]),
+                    settings=settings,
+                    flip=False,
+                )
+                for row in self._rows
+            ]
+        )
+
+
 def _settings(config) -> _Settings:
     d = config.data
     return _Settings(
@@ -211,6 +292,8 @@ def _builder(config):
     name, data_dir = config.data.name, config.data.data_dir
     if name.split("/")[0] == "rpn_shapes":
         return shapes.ensure_prepared(name, data_dir=data_dir)
+    if name in user_datasets.IGNORE_FEATURE:
+        return user_datasets.ensure_prepared(config.data)
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
         raise FileNotFoundError(
@@ -243,8 +326,12 @@ def _host_batches(
 ) -> grain.IterDataset:
     """Batches of this host's rows of each global batch of `ds`, made by `workers` processes."""
     ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
-    # Two threads prepare the next batches while the caller trains (the iterator's state
-    # counts only the batches returned).
+    return _iterate(ds, workers)
+
+
+def _iterate(ds: grain.MapDataset, workers: int) -> grain.IterDataset:
+    """`ds` read ahead by two threads (or `workers` processes) while the caller trains; the
+    iterator's state counts only the batches returned."""
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
     if workers:
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
@@ -269,10 +356,22 @@ def create_train_iterator(
     """
     config_checks.validate_data(config)
     p, n_proc, local_batch = _hosts(config, process_index, process_count)
-    source = _builder(config).as_data_source(config.data.train_split)
-    ds = grain.MapDataset.range(len(source)).shuffle(seed=config.seed).repeat()
-    ds = ds.random_map(_TrainExample(source, _settings(config)), seed=config.seed)
-    return iter(_host_batches(ds, local_batch, p, n_proc, config.data.num_workers))
+    builder = _builder(config)
+    split = config.data.train_split
+    source = builder.as_data_source(split)
+    shapes_ = _padded_shapes(config)
+    if len(shapes_) == 1:
+        ds = grain.MapDataset.range(len(source)).shuffle(seed=config.seed).repeat()
+        ds = ds.random_map(_TrainExample(source, _settings(config)), seed=config.seed)
+        return iter(_host_batches(ds, local_batch, p, n_proc, config.data.num_workers))
+    batches = buckets.BucketBatches(
+        _bucket_ids(config, builder, split), batch_size=config.batch_size, seed=config.seed
+    )
+    rows = range(p * local_batch, (p + 1) * local_batch)
+    ds = grain.MapDataset.source(batches).map_with_index(
+        _BucketTrainBatch(source, _settings(config), shapes_, rows, config.seed)
+    )
+    return iter(_iterate(ds, config.data.num_workers))
 
 
 def create_eval_iterator(
@@ -287,11 +386,20 @@ def create_eval_iterator(
     """
     config_checks.validate_data(config)
     p, n_proc, local_batch = _hosts(config, process_index, process_count)
-    source = _builder(config).as_data_source(config.data.eval_split)
+    builder = _builder(config)
+    source = builder.as_data_source(config.data.eval_split)
     num = _num_eval(config, len(source))
-    total = math.ceil(num / config.batch_size) * config.batch_size
-    ds = grain.MapDataset.range(total).map(_EvalExample(source, _settings(config), num))
-    return iter(_host_batches(ds, local_batch, p, n_proc, config.data.num_workers))
+    shapes_ = _padded_shapes(config)
+    if len(shapes_) == 1:
+        total = math.ceil(num / config.batch_size) * config.batch_size
+        ds = grain.MapDataset.range(total).map(_EvalExample(source, _settings(config), num))
+        return iter(_host_batches(ds, local_batch, p, n_proc, config.data.num_workers))
+    ids = _bucket_ids(config, builder, config.data.eval_split)[:num]
+    rows = range(p * local_batch, (p + 1) * local_batch)
+    ds = grain.MapDataset.source(buckets.eval_order(ids, config.batch_size)).map(
+        _BucketEvalBatch(source, _settings(config), shapes_, rows)
+    )
+    return iter(_iterate(ds, config.data.num_workers))
 
 
 def _num_eval(config, split_size: int) -> int:
@@ -306,12 +414,13 @@ def dataset_info(config) -> DatasetInfo:
     splits = builder.info.splits
     num_eval = _num_eval(config, splits[config.data.eval_split].num_examples)
     label = builder.info.features["objects"]["label"]
+    ids = _bucket_ids(config, builder, config.data.eval_split)[:num_eval]
     return DatasetInfo(
         name=config.data.name,
         class_names=tuple(label.names),
         num_train_examples=splits[config.data.train_split].num_examples,
         num_eval_examples=num_eval,
-        num_eval_batches=math.ceil(num_eval / config.batch_size),
-        image_hw=tuple(int(s) for s in config.data.pad_to),
+        num_eval_batches=len(buckets.eval_order(ids, config.batch_size)),
+        padded_shapes=_padded_shapes(config),
         max_boxes=int(config.data.max_boxes),
     )
