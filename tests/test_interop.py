@@ -374,6 +374,18 @@ def test_training_starts_from_the_checkpoint_and_freeze_at_holds_the_stem(narrow
     assert len(jax.tree.leaves(state1.opt_state)) < 2 * len(flat0)  # no momentum for frozen
 
 
+def test_a_resumed_run_does_not_read_init_checkpoint(tmp_path):
+    # The Trainer passes load_init=False when the workdir has a checkpoint: the weights file
+    # may be gone by then, and the workdir's own weights replace it anyway.
+    config = _config(**{"model.width": 8, "init.checkpoint": str(tmp_path / "deleted.pth")})
+    tx, _ = create_optimizer(config.optim, config.num_train_steps)
+    model = build_rpn(config)
+    with pytest.raises(FileNotFoundError, match="deleted.pth"):
+        training.create_train_state(config, model, tx, jax.random.key(0))
+    state = training.create_train_state(config, model, tx, jax.random.key(0), load_init=False)
+    assert int(state.step) == 0
+
+
 def test_report_summary_and_dict():
     report = keymap.LoadReport(
         source="x.pth", format="torchvision classifier", loaded=3, loaded_parts=("body",)

@@ -276,7 +276,8 @@ def place(
     report.loaded = len(found)
     report.loaded_parts = tuple(p for p in PARTS if p in present)
     report.left_random = tuple(p for p in PARTS if p in left_random)
-    return unflatten({p: v.astype(np.float32) for p, v in found.items()})
+    # One contiguous float32 copy of each array (kernels arrive as transposed views).
+    return unflatten({p: np.ascontiguousarray(v, np.float32) for p, v in found.items()})
 
 
 def convert(

@@ -176,7 +176,7 @@ def read_state_dict(source, *, path: str = "state dict") -> dict[str, np.ndarray
             raise CheckpointError(
                 f"{path}: {key} has dtype {value.dtype}; a weight must be a number array"
             )
-        state[str(key)] = value if value.dtype.kind != "f" else value.astype(np.float32)
+        state[str(key)] = value.astype(np.float32, copy=False) if value.dtype.kind == "f" else value
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     if not state:
