@@ -91,11 +91,11 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
         "an int >= 0",
         d.num_workers,
     )
-    d = size_divisibility(fpn=config.model.fpn, strides=config.anchors.strides)
+    div = size_divisibility(fpn=config.model.fpn, strides=config.anchors.strides)
     _require(
-        pad[0] % d == 0 and pad[1] % d == 0,
+        pad[0] % div == 0 and pad[1] % div == 0,
         "data.pad_to",
-        f"divisible by {d} ({'32 with FPN' if config.model.fpn else 'the feature stride'})",
+        f"divisible by {div} ({'32 with FPN' if config.model.fpn else 'the feature stride'})",
         pad,
     )
     _optional(config, "data.num_eval_images", lambda v: v >= 1, ">= 1")
