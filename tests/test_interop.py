@@ -162,7 +162,8 @@ def test_checkpoint_for_another_architecture_lists_keys_and_shapes(resnet18):
     with pytest.raises(interop.CheckpointMismatchError) as e:
         interop.load_checkpoint(path, config)
     message = str(e.value)
-    assert path in message and "resnet50" in message
+    assert path in message
+    assert "The file holds resnet18, the config model.backbone=resnet50." in message
     # ResNet-50's first block has a 1x1 conv1 of 64 -> 64; ResNet-18's a 3x3.
     assert "layer1.0.conv1.weight: expected [64, 64, 1, 1], found [64, 64, 3, 3]" in message
     assert "missing" in message and "layer1.0.conv3.weight [256, 64, 1, 1]" in message

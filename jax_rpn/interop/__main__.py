@@ -10,6 +10,8 @@ it appears complete or not at all. Train from it with
 ``python train.py --config <same config> --config.init.checkpoint=<folder>``.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -32,13 +34,16 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes
     from jax_rpn.interop import convert
 
-    out, report, (read, write) = convert(
-        _CHECKPOINT.value,
-        _CONFIG.value,
-        _OUT.value,
-        format=flags.FLAGS["from"].value,
-        overwrite=_OVERWRITE.value,
-    )
+    try:
+        out, report, (read, write) = convert(
+            _CHECKPOINT.value,
+            _CONFIG.value,
+            _OUT.value,
+            format=_FORMAT.value,
+            overwrite=_OVERWRITE.value,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # CheckpointError included
+        sys.exit(f"error: {e}")
     print(report.summary())
     print(
         f"Wrote {out} in {read + write:.1f} s (read and convert {read:.1f} s, write {write:.1f} s)"

@@ -215,6 +215,33 @@ def _listing(title: str, items: list[str]) -> str:
     return f"  {title} ({len(items)}):\n    {shown}{more}"
 
 
+# A residual block's convolution in torchvision / mmdet (layer1.0.conv2), detectron2 (res2.0.conv2)
+# or Caffe2 (res2_0_branch2b) names: stage, block, conv.
+_BLOCK_CONV = re.compile(r"(?:layer(\d)|res(\d))[._](\d+)[._](?:conv(\d)|branch2([abc]))")
+
+
+def resnet_in_keys(keys) -> str | None:
+    """The ResNet a checkpoint's keys describe (``resnet50``, ...), from its blocks per stage and
+    whether they have a third convolution; None if the keys name no ResNet blocks."""
+    from jax_rpn.models.resnet import STAGES
+
+    blocks, third = {}, False
+    for key in keys:
+        m = _BLOCK_CONV.search(key)
+        if m:
+            stage = int(m[1]) if m[1] else int(m[2]) - 1
+            blocks[stage] = max(blocks.get(stage, 0), int(m[3]) + 1)
+            third = third or m[4] == "3" or m[5] == "c"
+    if not blocks:
+        return None
+    counts = tuple(blocks.get(s, 0) for s in range(1, max(blocks) + 1))
+    for depth, (kind, stages) in STAGES.items():
+        if (kind == "bottleneck") == third and stages[: len(counts)] == counts:
+            return f"resnet{depth}"
+    kind = "bottleneck" if third else "basic"
+    return f"a ResNet with {counts} {kind} blocks per stage"
+
+
 def describe(config) -> str:
     """The config's model in a few words, for messages."""
     m = config.model
@@ -232,13 +259,15 @@ def place(
     config,
     report: LoadReport,
     file_shape: Callable[[tuple[int, ...]], tuple[int, ...]] = _peer_shape,
+    backbone: str | None = None,
 ) -> dict:
     """Check ``found`` (leaf path -> array in jax_rpn's layout) against the model and return the
     variables (a nested dict holding only what was found).
 
     ``names`` gives each leaf's name in the file and ``file_shape`` turns a shape into the
-    file's layout (for messages); ``unexpected`` lists the file's keys that fit nowhere. Raises
-    :class:`CheckpointMismatchError` listing every problem.
+    file's layout (for messages); ``unexpected`` lists the file's keys that fit nowhere;
+    ``backbone`` is what the file holds, if known. Raises :class:`CheckpointMismatchError`
+    listing every problem.
     """
     wrong = []
     for path, value in found.items():
@@ -269,8 +298,13 @@ def place(
             problems.append(_listing("unexpected: in the file, no place in the model", unexpected))
         if wrong:
             problems.append(_listing("wrong shape", wrong))
+        holds = ""
+        if backbone is not None and backbone != config.model.backbone:
+            holds = (
+                f" The file holds {backbone}, the config model.backbone={config.model.backbone}."
+            )
         raise CheckpointMismatchError(
-            f"{source} ({report.format}) does not fit the config ({describe(config)}):\n"
+            f"{source} ({report.format}) does not fit the config ({describe(config)}):{holds}\n"
             + "\n".join(problems)
         )
     report.loaded = len(found)
@@ -337,6 +371,7 @@ def convert(
         source=source,
         config=config,
         report=report,
+        backbone=resnet_in_keys(state),
     )
     report.loaded -= sum(filled.values())
     return variables
