@@ -84,6 +84,16 @@ def test_torch_file_with_objects_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_torch_files_may_hold_numpy_data(tmp_path):
+    """mmdet's and mmengine's "meta" can hold numpy scalars and arrays: plain data, admitted."""
+    path = tmp_path / "mmdet.pth"
+    meta = {"seed": np.int64(3), "palette": np.zeros((2, 3), np.uint8), "CLASSES": ("a", "b")}
+    torch.save({"meta": meta, "state_dict": {"neck.x.weight": torch.ones(2)}}, path)
+    loaded = safe_load.load_file(str(path))
+    assert loaded["meta"]["seed"] == 3 and loaded["meta"]["palette"].shape == (2, 3)
+    assert safe_load.read_state_dict(str(path)).keys() == {"neck.x.weight"}
+
+
 def test_plain_data_pickles_load():
     """numpy arrays and scalars, OrderedDict, lists, tuples, strings, bytes (protocol 2 spells
     them ``_codecs.encode``) and numbers: what detectron2's and Caffe2's pickles hold."""

@@ -1,7 +1,8 @@
 """Checkpoint files read without running their code.
 
 - PyTorch files (``.pth``, zip or legacy format) go through ``torch.load(..., weights_only=True)``
-  (tensors, dicts, lists, tuples, strings and numbers only); torch is needed only here.
+  (tensors, dicts, lists, tuples, strings and numbers, and here numpy arrays and scalars);
+  torch is needed only here.
 - Pickles (detectron2's and Caffe2's ``.pkl``) go through :class:`SafeUnpickler`, which admits
   numpy arrays and scalars, dicts (``OrderedDict`` too), lists, tuples, strings, bytes and
   numbers, and refuses any other global, naming it, before it can be called.
@@ -56,6 +57,8 @@ _ADMITTED = {
     ("_codecs", "encode"): _latin1_bytes,
 }
 PLAIN_DATA = "numpy arrays, dicts, lists, tuples, strings and numbers"
+NUMERIC_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32")
+NUMERIC_DTYPES += ("uint64", "float16", "float32", "float64")
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -104,8 +107,15 @@ def load_torch(path: str):
         raise CheckpointError(
             f"{path} is a PyTorch file; reading it needs torch: pip install 'jax_rpn[torch]'"
         ) from None
+    # torch's weights-only unpickler takes tensors and plain containers; numpy arrays and
+    # scalars (in mmdet's "meta", say) are plain data too, under their numpy 1 and 2 names.
+    numpy_globals = [np.ndarray, np.dtype, _multiarray._reconstruct, _multiarray.scalar]
+    numpy_globals += [(_multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]
+    numpy_globals += [(_multiarray.scalar, "numpy.core.multiarray.scalar")]
+    numpy_globals += [type(np.dtype(t)) for t in NUMERIC_DTYPES]
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(numpy_globals):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = [line.strip() for line in str(e).splitlines() if "global" in line.lower()]
         raise UnsafeCheckpointError(
