@@ -420,6 +420,20 @@ def test_detectron2_pixel_mean_must_match_the_config(tmp_path):
         interop.from_detectron2(state, config)
 
 
+def test_detectron2_backbone_in_its_own_names_maps():
+    """A backbone in detectron2's names without a model prefix (what its
+    convert-torchvision-to-d2.py writes): ``stem.conv1.*``, ``res2.0.conv1.norm.*``."""
+    state = detectron2_state(10, prefix="")
+    body = {k: v for k, v in state.items() if k.startswith(("stem.", "res"))}
+    variables, report = interop.from_detectron2(body, _config(coco_r50_fpn))
+    assert report.format == "detectron2 backbone" and report.loaded == len(body)
+    assert report.left_random == ("neck", "head")
+    np.testing.assert_array_equal(
+        variables["params"]["body"]["layer4_2"]["conv3"]["kernel"],
+        body["res5.2.conv3.weight"].transpose(2, 3, 1, 0),
+    )
+
+
 def test_detectron2_r50_c4_keys_map():
     """RPN R50-C4: ``backbone.stem``/``backbone.res2..4`` (no res5), the head on res4 with 15
     anchors per cell (5 sizes x 3 ratios)."""
