@@ -66,7 +66,10 @@ def _randomize_bn(model, calibration):
             bn.reset_running_stats()
             bn.momentum = None  # cumulative average: one batch gives its statistics
         model.train()
-        model.backbone(calibration) if hasattr(model, "backbone") else model(calibration)
+        if hasattr(model, "backbone"):  # a detector: its backbone and FPN
+            model.backbone(calibration)
+        else:
+            model(calibration)
         model.eval()
         for bn in norms:
             std = bn.running_var.sqrt()
