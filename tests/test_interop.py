@@ -389,11 +389,15 @@ def test_a_resumed_run_does_not_read_init_checkpoint(tmp_path):
     # The Trainer passes load_init=False when the workdir has a checkpoint: the weights file
     # may be gone by then, and the workdir's own weights replace it anyway.
     config = _config(**{"model.width": 8, "init.checkpoint": str(tmp_path / "deleted.pth")})
-    tx, _ = create_optimizer(config.optim, config.num_train_steps)
-    model = build_rpn(config)
+    fresh = keymap.unflatten(
+        {p: np.zeros(s, np.float32) for p, s in keymap.template(config).items()}
+    )
     with pytest.raises(FileNotFoundError, match="deleted.pth"):
-        training.create_train_state(config, model, tx, jax.random.key(0))
-    state = training.create_train_state(config, model, tx, jax.random.key(0), load_init=False)
+        interop.initialize(fresh, config)  # what create_train_state does by default
+    tx, _ = create_optimizer(config.optim, config.num_train_steps)
+    state = training.create_train_state(
+        config, build_rpn(config), tx, jax.random.key(0), load_init=False
+    )
     assert int(state.step) == 0
 
 
