@@ -51,8 +51,18 @@ def get_config() -> ml_collections.ConfigDict:
     # From scratch (no pretrained weights here), so real batch statistics; frozen_bn is for
     # pretrained backbones. Options: frozen_bn, batch_norm (cross-device), group_norm, none.
     c.model.norm = "batch_norm"
+    # ResNet bottlenecks stride in their first 1x1 conv: MSRA/Caffe2 weights (detectron2's
+    # STRIDE_IN_1X1, its default; mmdet style='caffe'). False: in the 3x3 (torchvision, mmdet).
+    c.model.stride_in_1x1 = False
+    # Backbone stages whose parameters are not trained (detectron2's FREEZE_AT): 0 none, 1 the
+    # stem, 2 stem + res2 (the peers' fine-tuning default), ..., 5 all; VGG-16: its first blocks.
+    c.model.freeze_at = 0
     c.model.fpn = True  # FPN P2..P6 (ResNet); False: C4 (ResNet) or conv5_3 (VGG-16), stride 16
     c.model.fpn_dim = 64  # FPN channels (256 in detectron2)
+    c.model.fpn_norm = "none"  # norm after each FPN conv (torchvision's _v2 has BN there)
+    # P6: maxpool (every other P5 cell: torchvision, detectron2, mmdet's RPN), conv_p5 or conv_c5
+    # (a 3x3 stride-2 conv of P5 or C5: mmdet add_extra_convs='on_output' / 'on_input').
+    c.model.fpn_p6 = "maxpool"
     # The 1x1 predictors sit directly on the FPN outputs (the FPN already ends in a 3x3 conv):
     # the same recall as detectron2's extra 3x3 conv + ReLU here, in a 1.2x shorter step
     # (benchmarks/README.md, "A cheaper head, measured"). Peer configs set head_convs = 1.
@@ -103,6 +113,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.proposals.post_nms_topk_test = 1000  # K, proposals per image
     c.proposals.nms_threshold = 0.65  # detectron2: 0.7; only proposals (eval) use it here
     c.proposals.min_size = 0.0  # boxes with a side <= this (pixels) are dropped
+
+    # Initial weights (jax_rpn.interop), loaded before step 0; resuming a workdir ignores them.
+    c.init = ml_collections.ConfigDict()
+    # A peer checkpoint (torchvision / detectron2 / mmdet file), a folder converted by
+    # `python -m jax_rpn.interop`, or a jax_rpn workdir. None: random initialisation.
+    c.init.checkpoint = ml_collections.config_dict.placeholder(str)
+    c.init.format = "auto"  # auto (detected from the keys), torchvision, detectron2, mmdet, jax_rpn
+    # frozen_bn (model.norm or model.fpn_norm) keeps BN statistics fixed: right over pretrained
+    # weights, the identity over random ones, so a config with it and no init.checkpoint is
+    # refused unless this is True.
+    c.init.allow_random_frozen_bn = False
 
     # Optimisation (jax_rpn.training).
     c.optim = ml_collections.ConfigDict()

@@ -1,8 +1,11 @@
 """The Faster R-CNN paper's RPN on PASCAL VOC 2007: VGG-16 conv5_3 at stride 16, anchors of
 scales 128/256/512 and ratios 0.5/1/2 (py-faster-rcnn's generate_anchors), shorter side 600,
 longer side at most 1000; lr 0.001 for 60k steps then 0.0001 for 20k, momentum 0.9, weight
-decay 0.0005; 300 proposals at test. The paper uses one image per step; we use two so the
-batch splits over 2 devices (set batch_size=1 on one device for the exact setting).
+decay 0.0005; 300 proposals at test; conv1 and conv2 fixed (py-faster-rcnn's VGG-16 prototxt).
+The paper uses one image per step; we use two so the batch splits over 2 devices (set
+batch_size=1 on one device for the exact setting). Start from ImageNet weights: torchvision's
+``vgg16`` converts with ``python -m jax_rpn.interop`` (RGB input with ImageNet mean and std,
+this config's pixels; py-faster-rcnn's Caffe VGG-16 took BGR 0-255 instead).
 """
 
 from configs import default
@@ -20,6 +23,7 @@ def get_config():
     c.model.width = 64
     c.model.fpn = False
     c.model.norm = "none"  # the paper's VGG-16 has no normalisation
+    c.model.freeze_at = 2  # conv1_* and conv2_* not trained
     c.model.head_convs = 1  # the paper's 3x3 "intermediate layer" + ReLU
     c.model.head_dim = 512
     c.anchors.strides = (16,)

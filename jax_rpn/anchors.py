@@ -12,6 +12,12 @@ peers exactly:
 | ``py-faster-rcnn`` | base 16x16 box, ratio then scale enumeration,   | ratio-major       |
 |                    | ``+1`` widths, rounded, centre 7.5              |                   |
 
+Cell ``(i, j)`` of a level is at ``(j * stride, i * stride)``, except that ``torchvision``
+takes the stride per axis from the padded image, ``image_h // Hl`` and ``image_w // Wl``
+(its ``AnchorGenerator``): with P6 of an 800-row input (13 rows, ``ceil(800 / 64)``) the y
+stride is 61, not 64. Pass ``image_hw`` to :func:`multilevel_anchors` to get that; sizes
+divisible by every stride give the same anchors either way.
+
 Within a level, anchors are ordered cell-major (row, then column), then the A cell anchors:
 the order of the head's output channels reshaped ``[H, W, A] -> [H * W * A]``.
 """
@@ -99,30 +105,32 @@ def num_cell_anchors(sizes, aspect_ratios, *, convention: str = "detectron2") ->
 
 def grid_anchors(
     feature_hw: tuple[int, int],
-    stride: float,
+    stride: float | tuple[float, float],
     cell_anchors: np.ndarray,
     *,
     offset: float = 0.0,
 ) -> np.ndarray:
     """Tile ``cell_anchors [A, 4]`` over an ``H x W`` feature map -> float32 ``[H * W * A, 4]``.
 
-    Cell (i, j) is shifted by ``((j + offset) * stride, (i + offset) * stride)``; anchors are
-    ordered by row, then column, then cell anchor.
+    Cell (i, j) is shifted by ``((j + offset) * stride_x, (i + offset) * stride_y)``; ``stride``
+    is one number for both axes or ``(stride_y, stride_x)``. Anchors are ordered by row, then
+    column, then cell anchor.
     """
     check_shape(feature_hw, "feature_hw", "[2]", dtype="int")
-    check_shape(stride, "stride", "[]", dtype="real")
+    check_shape(stride, "stride", "[]" if np.ndim(stride) == 0 else "[2]", dtype="real")
     check_shape(cell_anchors, "cell_anchors", "[A, 4]")
     h, w = (int(v) for v in feature_hw)
     if h <= 0 or w <= 0:
         raise ValueError(f"feature_hw must be two positive ints, got {feature_hw}")
-    if not stride > 0:
-        raise ValueError(f"stride must be > 0, got {stride}")
+    stride_y, stride_x = np.broadcast_to(np.asarray(stride, np.float64), (2,))
+    if not (stride_y > 0 and stride_x > 0):
+        raise ValueError(f"stride must be > 0 (one number or (stride_y, stride_x)), got {stride}")
     if not 0.0 <= offset < 1.0:
         raise ValueError(f"offset must be in [0, 1), got {offset}")
     cells = np.asarray(cell_anchors, np.float32)
-    stride = np.float32(stride)
-    shift_x = np.arange(w, dtype=np.float32) * stride + np.float32(offset) * stride
-    shift_y = np.arange(h, dtype=np.float32) * stride + np.float32(offset) * stride
+    stride_x, stride_y = np.float32(stride_x), np.float32(stride_y)
+    shift_x = np.arange(w, dtype=np.float32) * stride_x + np.float32(offset) * stride_x
+    shift_y = np.arange(h, dtype=np.float32) * stride_y + np.float32(offset) * stride_y
     sy, sx = np.meshgrid(shift_y, shift_x, indexing="ij")  # [H, W]
     shifts = np.stack([sx, sy, sx, sy], axis=-1).reshape(-1, 1, 4)  # [H*W, 1, 4]
     return (shifts + cells[None]).reshape(-1, 4)  # [H*W*A, 4]
@@ -183,12 +191,22 @@ def multilevel_anchors(
     *,
     offset: float = 0.0,
     convention: str = "detectron2",
+    image_hw: tuple[int, int] | None = None,
 ) -> list[np.ndarray]:
-    """Anchors of every pyramid level -> list of L float32 ``[Hl * Wl * A, 4]`` arrays."""
+    """Anchors of every pyramid level -> list of L float32 ``[Hl * Wl * A, 4]`` arrays.
+
+    ``image_hw``: the padded image size ``(H, W)``. With the ``torchvision`` convention each
+    level then steps ``(H // Hl, W // Wl)`` pixels, as torchvision's ``AnchorGenerator``; the
+    other conventions (and ``image_hw=None``) step ``strides``.
+    """
     levels = check_shape(feature_hws, "feature_hws", "[L, 2]", dtype="int")
     check_shape(strides, "strides", "[L]", sizes=levels)
     cells = level_cell_anchors(strides, sizes, aspect_ratios, convention=convention)
+    steps = list(strides)
+    if convention == "torchvision" and image_hw is not None:
+        h, w = (int(v) for v in image_hw)
+        steps = [(h // int(fh), w // int(fw)) for fh, fw in feature_hws]
     return [
-        grid_anchors(hw, stride, c, offset=offset)
-        for hw, stride, c in zip(feature_hws, strides, cells, strict=True)
+        grid_anchors(hw, step, c, offset=offset)
+        for hw, step, c in zip(feature_hws, steps, cells, strict=True)
     ]

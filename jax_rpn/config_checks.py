@@ -8,9 +8,10 @@ allowed values come from the modules that define them.
 import jax
 import ml_collections
 
-from jax_rpn import losses, optim, parallel
+from jax_rpn import interop, losses, optim, parallel
+from jax_rpn.models.fpn import P6_MODES
 from jax_rpn.models.norm import NORMS
-from jax_rpn.models.rpn import BACKBONES, DTYPES
+from jax_rpn.models.rpn import BACKBONES, DTYPES, MAX_FREEZE_AT, size_divisibility
 from jax_rpn.settings import AnchorSettings, PixelSettings
 
 
@@ -90,11 +91,11 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
         "an int >= 0",
         d.num_workers,
     )
-    top = max(config.anchors.strides)
+    div = size_divisibility(fpn=config.model.fpn, strides=config.anchors.strides)
     _require(
-        pad[0] % top == 0 and pad[1] % top == 0,
+        pad[0] % div == 0 and pad[1] % div == 0,
         "data.pad_to",
-        f"divisible by the largest anchor stride {top}",
+        f"divisible by {div} ({'32 with FPN' if config.model.fpn else 'the feature stride'})",
         pad,
     )
     _optional(config, "data.num_eval_images", lambda v: v >= 1, ">= 1")
@@ -125,6 +126,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of(config, "parallelism", parallel.MODES)
     _one_of(config, "model.backbone", BACKBONES)
     _one_of(config, "model.norm", NORMS)
+    _one_of(config, "model.fpn_norm", NORMS)
+    _one_of(config, "model.fpn_p6", P6_MODES)
+    _one_of(config, "model.stride_in_1x1", (False, True))
+    f = config.model.freeze_at
+    _require(
+        isinstance(f, int) and 0 <= f <= MAX_FREEZE_AT,
+        "model.freeze_at",
+        f"an int in [0, {MAX_FREEZE_AT}]",
+        f,
+    )
+    _one_of(config, "init.format", interop.FORMATS)
+    _check_frozen_bn_has_weights(config)
     _one_of(config, "model.objectness", losses.OBJECTNESS_KINDS)
     _one_of(config, "model.dtype", DTYPES)
     _one_of(config, "loss.box", losses.BOX_KINDS)
@@ -166,4 +179,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "batch_size",
         f"a multiple of the device count ({n})",
         config.batch_size,
+    )
+
+
+def _check_frozen_bn_has_weights(config) -> None:
+    """Frozen BN over random weights is the identity: refuse it unless asked for."""
+    m = config.model
+    used = ("norm", "fpn_norm") if m.fpn else ("norm",)
+    frozen = [f"model.{k}" for k in used if m[k] == "frozen_bn"]
+    if not frozen or config.init.checkpoint or config.init.allow_random_frozen_bn:
+        return
+    raise ValueError(
+        f"config.{frozen[0]} is 'frozen_bn' (fixed BN statistics, the setting for pretrained "
+        "weights) but config.init.checkpoint is None: over random weights frozen BN is the "
+        "identity, and training a deep ResNet that way diverges. Set config.init.checkpoint to "
+        "pretrained weights (docs/pretrained_weights.md: `python -m jax_rpn.interop` converts "
+        "torchvision, detectron2 and mmdet checkpoints), train from scratch with "
+        "model.norm='batch_norm' or 'group_norm', or set "
+        "config.init.allow_random_frozen_bn=True to do it anyway."
     )

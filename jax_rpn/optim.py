@@ -1,5 +1,7 @@
 """Optax optimizer and learning-rate schedule from ``config.optim``."""
 
+from collections.abc import Callable
+
 import jax
 import ml_collections
 import optax
@@ -32,8 +34,31 @@ def _decay_mask(params):
     )
 
 
-def create_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
-    """``(optax.GradientTransformation, schedule)`` for ``config.optim``."""
+def create_optimizer(
+    optim: ml_collections.ConfigDict,
+    num_steps: int,
+    *,
+    frozen: Callable[[tuple[str, ...]], bool] | None = None,
+):
+    """``(optax.GradientTransformation, schedule)`` for ``config.optim``.
+
+    ``frozen``: predicate on a parameter's path (keys under ``params``, e.g.
+    ``jax_rpn.models.frozen_parameters(backbone, freeze_at)``); those parameters get zero
+    updates, no weight decay, no optimizer state, and do not count in gradient clipping.
+    """
+    tx, schedule = _trainable_optimizer(optim, num_steps)
+    if frozen is None:
+        return tx, schedule
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if frozen(tuple(k.key for k in path)) else "train", params
+        )
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels), schedule
+
+
+def _trainable_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
     schedule = learning_rate_schedule(optim, num_steps)
     if optim.name == "sgd":
         tx = optax.chain(

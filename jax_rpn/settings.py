@@ -78,7 +78,8 @@ class AnchorSettings(_Kwargs):
         return [(math.ceil(h / s), math.ceil(w / s)) for s in self.strides]
 
     def for_image(self, image_hw) -> list[np.ndarray]:
-        """The anchors of a (padded) image ``(H, W)``: L float32 arrays ``[Hl * Wl * A, 4]``."""
+        """The anchors of a (padded) image ``(H, W)``: L float32 arrays ``[Hl * Wl * A, 4]``
+        (the ``torchvision`` convention steps ``(H // Hl, W // Wl)`` per level, as torchvision)."""
         return anchor_ops.multilevel_anchors(
             self.feature_hws(image_hw),
             self.strides,
@@ -86,6 +87,7 @@ class AnchorSettings(_Kwargs):
             self.aspect_ratios,
             offset=self.offset,
             convention=self.convention,
+            image_hw=tuple(int(v) for v in image_hw),
         )
 
 

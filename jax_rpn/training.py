@@ -23,11 +23,11 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from jax_rpn import checkpoints as checkpoints_lib
-from jax_rpn import config_checks, inference, parallel, recall, viz
+from jax_rpn import config_checks, inference, interop, parallel, recall, viz
 from jax_rpn import workdir as workdir_lib
 from jax_rpn.data import pipeline
 from jax_rpn.data.augment import denormalize
-from jax_rpn.models import build_rpn, init_variables
+from jax_rpn.models import build_rpn, frozen_parameters, init_variables
 from jax_rpn.objective import rpn_objective
 from jax_rpn.optim import create_optimizer
 from jax_rpn.settings import LossSettings, PixelSettings, ProposalSettings, TargetSettings
@@ -44,11 +44,16 @@ class TrainState:
     key: jax.Array  # base PRNG key; step and image keys are folded in from it
 
 
-def create_train_state(config, model, tx, key) -> TrainState:
-    """Initialise parameters at the configured padded image size."""
+def create_train_state(config, model, tx, key, *, load_init: bool = True) -> TrainState:
+    """Initialise parameters at the configured padded image size, then (``load_init``) load
+    ``config.init.checkpoint`` over them, printing what was loaded and what was not."""
     init_key, state_key = jax.random.split(key)
     h, w = config.data.pad_to
     variables = init_variables(model, init_key, (1, h, w, 3))
+    if load_init and config.init.checkpoint:
+        variables, report = interop.initialize(variables, config)
+        if jax.process_index() == 0:
+            print(report.summary(), flush=True)
     params = variables.pop("params")
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -160,11 +165,23 @@ class Trainer:
         self.mode = config.parallelism
         self.mesh = parallel.data_mesh()
         self.model = build_rpn(config, axis_name=parallel.AXIS)
-        self.tx, self.schedule = create_optimizer(config.optim, config.num_train_steps)
+        self.tx, self.schedule = create_optimizer(
+            config.optim,
+            config.num_train_steps,
+            frozen=frozen_parameters(config.model.backbone, config.model.freeze_at),
+        )
         self.train_iter = pipeline.create_train_iterator(config)
         self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self._checkpoints = None
+        resuming = self.latest_step() is not None  # then the workdir's weights replace init's
         self.state = jax.device_put(
-            create_train_state(config, build_rpn(config), self.tx, jax.random.PRNGKey(config.seed)),
+            create_train_state(
+                config,
+                build_rpn(config),
+                self.tx,
+                jax.random.PRNGKey(config.seed),
+                load_init=not resuming,
+            ),
             self.replicated,
         )
         train_step = make_train_step(config, self.model, self.tx, self.schedule)
@@ -175,7 +192,6 @@ class Trainer:
         self.p_eval_step = parallel.parallelize(
             eval_step, mode=self.mode, mesh=self.mesh, replicated_out=(False, True)
         )
-        self._checkpoints = None
 
     # Checkpoints -------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ RESUMABLE = (
     "data.num_eval_images",
     "data.num_workers",
     "proposals.",
+    "init.",  # read only before step 0; a resumed run starts from the workdir's checkpoint
 )
 # What a run leaves in its workdir (start over in place removes these; the compilation cache
 # stays).

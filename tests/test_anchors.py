@@ -109,6 +109,33 @@ def test_torchvision_grid():
     np.testing.assert_array_equal(got, np.array(expected, np.float32))
 
 
+def test_torchvision_steps_image_size_over_feature_size_per_axis():
+    # torchvision's AnchorGenerator on an 800x1216 batch: P6 is 13x19, so its strides are
+    # (800 // 13, 1216 // 19) = (61, 64), not 64; the detectron2 convention keeps 64.
+    kw = dict(image_hw=(800, 1216))
+    (tv,) = anchors.multilevel_anchors(
+        [(13, 19)], [64], [[512]], [1.0], convention="torchvision", **kw
+    )
+    (d2,) = anchors.multilevel_anchors([(13, 19)], [64], [[512]], [1.0], **kw)
+    tv_centres = (tv[:, :2] + tv[:, 2:]).reshape(13, 19, 2) / 2  # [H, W, (x, y)]
+    np.testing.assert_array_equal(tv_centres[:, 0, 1], 61 * np.arange(13))
+    np.testing.assert_array_equal(tv_centres[0, :, 0], 64 * np.arange(19))
+    d2_centres = (d2[:, :2] + d2[:, 2:]).reshape(13, 19, 2) / 2
+    np.testing.assert_array_equal(d2_centres[:, 0, 1], 64 * np.arange(13))
+    # Sizes divisible by the stride agree in both conventions (512 // 8 = 64).
+    (tv512,) = anchors.multilevel_anchors(
+        [(8, 8)], [64], [[512]], [1.0], convention="torchvision", image_hw=(512, 512)
+    )
+    cell = anchors.cell_anchors((512,), (1.0,), convention="torchvision")
+    np.testing.assert_array_equal(tv512, anchors.grid_anchors((8, 8), 64, cell))
+
+
+def test_grid_anchors_takes_a_stride_per_axis():
+    cells = np.array([[-1.0, -1.0, 1.0, 1.0]], np.float32)
+    got = anchors.grid_anchors((2, 2), (3, 5), cells)  # (stride_y, stride_x)
+    np.testing.assert_array_equal(got, [[-1, -1, 1, 1], [4, -1, 6, 1], [-1, 2, 1, 4], [4, 2, 6, 4]])
+
+
 @pytest.mark.parametrize("convention", anchors.CONVENTIONS)
 def test_areas_and_ratios(convention):
     sizes, ratios = (32.0, 128.0), (0.5, 1.0, 2.0)

@@ -360,7 +360,7 @@ def test_eval_pass_pads_the_last_batch(data_dir):
     ("field", "value", "message"),
     [
         ("name", "imagenet", "config.data.name"),
-        ("pad_to", (96, 96), "config.data.pad_to"),  # not divisible by stride 64
+        ("pad_to", (80, 80), "config.data.pad_to"),  # not divisible by 32 (FPN)
         ("short_side", 100, "config.data.short_side"),  # > max_size
         ("max_boxes", 0, "config.data.max_boxes"),
     ],

@@ -28,6 +28,7 @@ from jax_rpn.models import (
     RPNOutput,
     build_rpn,
     flatten_outputs,
+    frozen_parameters,
     init_variables,
     make_norm,
 )
@@ -163,6 +164,70 @@ def test_fpn_layout():
     assert list(out) == ["P2", "P3", "P4", "P5", "P6"]
     for k in (2, 3, 4, 5, 6):
         assert out[f"P{k}"].shape == (1, 128 // 2**k, 64 // 2**k, 16)
+
+
+@pytest.mark.parametrize("norm", ["frozen_bn", "batch_norm"])
+def test_fpn_norm_replaces_the_conv_bias(norm):
+    # torchvision's fasterrcnn_resnet50_fpn_v2: Conv2dNormActivation(bias=False) + BatchNorm2d
+    # for each lateral and output conv.
+    feats = {f"C{k}": jnp.zeros((1, 128 // 2**k, 64 // 2**k, 8 * k)) for k in (2, 3, 4, 5)}
+    variables = jax.eval_shape(FPN(dim=16, norm=norm).init, KEY, feats)
+    params, stats = variables["params"], variables["batch_stats"]
+    for level in (2, 3, 4, 5):
+        for conv in (f"lateral{level}", f"output{level}"):
+            assert set(params[conv]) == {"kernel"}
+            assert set(stats[f"{conv}_norm"]) >= {"mean", "var"}
+            owner = stats if norm == "frozen_bn" else params
+            assert set(owner[f"{conv}_norm"]) >= {"scale", "bias"}
+
+
+@pytest.mark.parametrize("p6, source_channels", [("conv_c5", 40), ("conv_p5", 16)])
+def test_fpn_p6_by_a_stride_2_conv(p6, source_channels):
+    # mmdet add_extra_convs='on_input' (of C5, 8 * 5 = 40 channels here) or 'on_output' (of P5):
+    # a 3x3 stride-2 conv with padding 1, so P6 has ceil(H5 / 2) rows, as the max-pool.
+    feats = {f"C{k}": jnp.zeros((1, 96 // 2**k, 64 // 2**k, 8 * k)) for k in (2, 3, 4, 5)}
+    fpn = FPN(dim=16, p6=p6)
+    variables = jax.eval_shape(fpn.init, KEY, feats)
+    assert variables["params"]["p6"]["kernel"].shape == (3, 3, source_channels, 16)
+    out = jax.eval_shape(fpn.apply, variables, feats)
+    assert out["P5"].shape[1:3] == (3, 2) and out["P6"].shape[1:3] == (2, 1)
+
+
+def test_stride_in_1x1_moves_the_stride_to_the_first_conv():
+    # MSRA / detectron2 STRIDE_IN_1X1: res3's first block halves the size in conv1 (1x1), the
+    # torchvision layout in conv2 (3x3); parameters and outputs have the same shapes.
+    def conv_outputs(stride_in_1x1):
+        model = ResNet(depth=50, width=4, stride_in_1x1=stride_in_1x1)
+        x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+        variables = jax.eval_shape(functools.partial(model.init, train=False), KEY, x)
+        _, state = jax.eval_shape(
+            functools.partial(
+                model.apply,
+                train=False,
+                capture_intermediates=lambda m, _: isinstance(m, nn.Conv),
+                mutable=["intermediates"],
+            ),
+            variables,
+            x,
+        )
+        block = state["intermediates"]["layer2_0"]
+        return [block[c]["__call__"][0].shape[1:3] for c in ("conv1", "conv2", "conv3")]
+
+    assert conv_outputs(True) == [(8, 8), (8, 8), (8, 8)]
+    assert conv_outputs(False) == [(16, 16), (8, 8), (8, 8)]
+
+
+def test_frozen_parameters_follow_detectron2_freeze_at():
+    resnet = frozen_parameters("resnet50", 2)
+    assert resnet(("body", "conv1", "kernel")) and resnet(("body", "layer1_2", "conv3", "kernel"))
+    assert not resnet(("body", "layer2_0", "conv1", "kernel"))
+    assert not resnet(("neck", "lateral2", "kernel"))
+    assert frozen_parameters("resnet50", 0) is None
+    assert frozen_parameters("resnet50", 5)(("body", "layer4_2", "conv3", "kernel"))
+    vgg = frozen_parameters("vgg16", 2)
+    assert vgg(("body", "conv2_2", "kernel")) and not vgg(("body", "conv3_1", "kernel"))
+    with pytest.raises(ValueError, match="freeze_at"):
+        frozen_parameters("resnet50", 6)
 
 
 def test_fpn_top_down_values():
@@ -490,12 +555,20 @@ def test_bad_image_shape(shape):
         _init_shapes(_c4(), shape)
 
 
-def test_image_not_divisible_by_largest_stride():
+def test_fpn_takes_sizes_divisible_by_32_with_p6_by_ceil():
+    # torchvision, detectron2 and mmdet pad to a multiple of 32; P6 = P5[::2, ::2] then has
+    # ceil(H5 / 2) rows: 96 / 32 = 3 -> 2 rows, as their max_pool2d(P5, 1, 2) gives.
     model = RPN(backbone="resnet18", width=4)
-    # 96 is divisible by 32 (P5) but not by 64 (P6).
-    with pytest.raises(ValueError, match=r"\(96, 128\) must be divisible by the largest .* 64"):
-        _init_shapes(model, (1, 96, 128, 3))
-    with pytest.raises(ValueError, match="divisible by the largest feature stride 16"):
+    out = _apply_shapes(model, (1, 96, 128, 3))
+    assert [o.shape[1:3] for o in out.objectness] == [(24, 32), (12, 16), (6, 8), (3, 4), (2, 2)]
+    assert [a.shape[0] for a in out.anchors] == [24 * 32 * 3, 12 * 16 * 3, 6 * 8 * 3, 36, 12]
+
+
+def test_image_not_divisible():
+    model = RPN(backbone="resnet18", width=4)
+    with pytest.raises(ValueError, match=r"\(80, 128\) must be divisible by 32 \(FPN\)"):
+        _init_shapes(model, (1, 80, 128, 3))
+    with pytest.raises(ValueError, match="divisible by the feature stride 16"):
         _init_shapes(_c4(), (1, 40, 32, 3))
 
 

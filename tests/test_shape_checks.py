@@ -137,7 +137,7 @@ CASES = {
         (
             shape("feature_hw", (2, 3, 1), "[2]"),
             dtype("feature_hw", (2.0, 3.0), "an integer dtype"),
-            shape("stride", (8, 8), "[]"),
+            shape("stride", (8, 8, 8), "[2]"),  # one stride, or (stride_y, stride_x)
             shape("cell_anchors", B4[:, :3], "[A, 4]"),
         ),
         jittable=False,

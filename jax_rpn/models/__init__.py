@@ -1,6 +1,6 @@
 """Flax (Linen) models: backbones (ResNet, VGG-16), FPN neck, the RPN head and the RPN module."""
 
-from jax_rpn.models.fpn import FPN
+from jax_rpn.models.fpn import FPN, P6_MODES
 from jax_rpn.models.head import RPNHead, foreground_logit
 from jax_rpn.models.norm import FrozenBatchNorm, make_norm
 from jax_rpn.models.resnet import ResNet
@@ -10,12 +10,15 @@ from jax_rpn.models.rpn import (
     RPNOutput,
     build_rpn,
     flatten_outputs,
+    frozen_parameters,
     init_variables,
+    size_divisibility,
 )
 from jax_rpn.models.vgg import VGG16
 
 __all__ = [
     "FPN",
+    "P6_MODES",
     "RPN",
     "VGG16",
     "FlatOutputs",
@@ -26,6 +29,8 @@ __all__ = [
     "build_rpn",
     "flatten_outputs",
     "foreground_logit",
+    "frozen_parameters",
     "init_variables",
     "make_norm",
+    "size_divisibility",
 ]

@@ -1,10 +1,13 @@
 """ResNet-18/34/50/101 backbones returning the stage outputs C2..C5 (strides 4..32).
 
-Torchvision's "v1.5" layout: the stride of a bottleneck block is in its 3x3 convolution, the
-shortcut is a strided 1x1 convolution + norm where the shape changes, convolutions before a
-norm have no bias, and torchvision's padding (7x7 pad 3, 3x3 max-pool pad 1, 3x3 pad 1) so
-that pretrained weights give the same numbers. Kaiming-normal (fan-out) initialisation, as
-torchvision and detectron2 (``c2_msra_fill``). Images and features are NHWC.
+Torchvision's "v1.5" layout by default: the stride of a bottleneck block is in its 3x3
+convolution. ``stride_in_1x1=True`` puts it in the first 1x1 convolution instead, as MSRA's
+original ResNets (detectron2's ``RESNETS.STRIDE_IN_1X1``, its default, and mmdet's
+``style='caffe'``): their ImageNet weights need it. The shortcut is a strided 1x1 convolution +
+norm where the shape changes, convolutions before a norm have no bias, and the padding is
+torchvision's and detectron2's (7x7 pad 3, 3x3 max-pool pad 1, 3x3 pad 1) so that pretrained
+weights give the same numbers. Kaiming-normal (fan-out) initialisation, as torchvision and
+detectron2 (``c2_msra_fill``). Images and features are NHWC.
 """
 
 import functools
@@ -51,13 +54,25 @@ def conv(
     )
 
 
+def stage_of(name: str) -> int:
+    """detectron2's stage number of a top-level ResNet submodule: 1 for the stem (``conv1``,
+    ``norm1``), 2..5 for the blocks ``layer1_*`` .. ``layer4_*`` (res2..res5)."""
+    if name in ("conv1", "norm1"):
+        return 1
+    if name.startswith("layer"):
+        return int(name[len("layer") :].split("_")[0]) + 1
+    raise ValueError(f"{name!r} is not a ResNet submodule")
+
+
 class _Block(nn.Module):
-    """Residual block: ``basic`` (3x3, 3x3; out = features) or ``bottleneck`` (1x1, 3x3 with
-    the stride, 1x1; out = 4 * features)."""
+    """Residual block: ``basic`` (3x3 with the stride, 3x3; out = features) or ``bottleneck``
+    (1x1, 3x3, 1x1; out = 4 * features; the stride in the 3x3, or in the first 1x1 when
+    ``stride_in_1x1``)."""
 
     kind: str
     features: int
     stride: int
+    stride_in_1x1: bool
     norm: str
     axis_name: str | None
     dtype: Any
@@ -77,9 +92,10 @@ class _Block(nn.Module):
             y = norm(out, name="norm2")(y)
         else:
             out = 4 * self.features
-            y = layer(self.features, 1, name="conv1")(x)
+            stride_1x1, stride_3x3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
+            y = layer(self.features, 1, stride_1x1, name="conv1")(x)
             y = nn.relu(norm(self.features, name="norm1")(y))
-            y = layer(self.features, 3, self.stride, name="conv2")(y)
+            y = layer(self.features, 3, stride_3x3, name="conv2")(y)
             y = nn.relu(norm(self.features, name="norm2")(y))
             y = layer(out, 1, name="conv3")(y)
             y = norm(out, name="norm3")(y)
@@ -99,6 +115,8 @@ class ResNet(nn.Module):
       norm: ``frozen_bn``, ``batch_norm``, ``group_norm`` or ``none`` (see ``models.norm``).
       out_features: which of C2..C5 to return, in order; stages after the last one are not
         built (``("C4",)`` is detectron2's R50-C4 RPN backbone, stride 16).
+      stride_in_1x1: bottleneck blocks stride in their first 1x1 convolution (MSRA / Caffe2
+        weights) instead of the 3x3 (torchvision); basic blocks ignore it.
       axis_name: device axis for ``batch_norm`` statistics (e.g. ``'data'``), or None.
       dtype: compute dtype; parameters are float32.
     """
@@ -107,6 +125,7 @@ class ResNet(nn.Module):
     width: int = 64
     norm: str = "frozen_bn"
     out_features: tuple[str, ...] = LEVELS
+    stride_in_1x1: bool = False
     axis_name: str | None = None
     dtype: Any = jnp.float32
 
@@ -161,6 +180,7 @@ class ResNet(nn.Module):
                     kind=kind,
                     features=self.width * 2**stage,
                     stride=2 if stage > 0 and b == 0 else 1,
+                    stride_in_1x1=self.stride_in_1x1,
                     norm=self.norm,
                     axis_name=self.axis_name,
                     dtype=self.dtype,

@@ -8,6 +8,10 @@ Feature levels by configuration:
 | ``resnet18..101`` | False   | C4 (16), detectron2's R50-C4 RPN (no res5 built) |
 | ``vgg16``         | False   | conv5_3 (16), the Faster R-CNN paper             |
 
+Images must be divisible by :func:`size_divisibility`: 32 with FPN (P6 is then
+``ceil(H / 64)`` rows, as in torchvision, detectron2 and mmdet, whose batches are padded to a
+multiple of 32), else the feature stride.
+
 ``anchors.strides`` must equal the feature strides, ``anchors.sizes`` / ``aspect_ratios`` give
 one entry per level (or one shared by all), and every level has the same A anchors per cell.
 A mismatch raises ValueError at ``init`` naming both numbers.
@@ -20,7 +24,7 @@ anchor order (``[B, Hl, Wl, A] -> [B, Hl * Wl * A]``, level after level).
 """
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -29,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jax_rpn.models import resnet, vgg
 from jax_rpn.models.fpn import FPN
 from jax_rpn.models.head import RPNHead
 from jax_rpn.models.resnet import STAGES, ResNet
@@ -37,6 +42,37 @@ from jax_rpn.settings import AnchorSettings
 
 BACKBONES = tuple(f"resnet{d}" for d in STAGES) + ("vgg16",)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MAX_FREEZE_AT = 5  # ResNet: stem + 4 stages; VGG-16: 5 blocks
+
+
+def size_divisibility(*, fpn: bool, strides: Sequence[int]) -> int:
+    """What the padded image size must be divisible by: 32 with FPN (C5's stride: the top-down
+    pathway doubles sizes exactly, P6 takes the ceiling), else the largest feature stride."""
+    return 32 if fpn else int(max(strides))
+
+
+def frozen_parameters(backbone: str, freeze_at: int) -> Callable[[tuple[str, ...]], bool] | None:
+    """Predicate on a parameter's path under ``params`` (e.g. ``("body", "layer1_0", "conv1",
+    "kernel")``): True for the backbone stages that fine-tuning keeps fixed; None when
+    ``freeze_at`` is 0 (nothing frozen).
+
+    ResNet: detectron2's ``FREEZE_AT`` (1 the stem, 2 the stem and res2, ..., 5 everything;
+    torchvision's ``trainable_backbone_layers = 5 - freeze_at``, mmdet's ``frozen_stages =
+    freeze_at - 1``). VGG-16: the first ``freeze_at`` blocks (py-faster-rcnn: 2). 0 freezes
+    nothing.
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+    if not 0 <= freeze_at <= MAX_FREEZE_AT:
+        raise ValueError(f"freeze_at must be in [0, {MAX_FREEZE_AT}], got {freeze_at}")
+    if freeze_at == 0:
+        return None
+    stage_of = vgg.stage_of if backbone == "vgg16" else resnet.stage_of
+
+    def frozen(path: tuple[str, ...]) -> bool:
+        return len(path) > 1 and path[0] == "body" and stage_of(path[1]) <= freeze_at
+
+    return frozen
 
 
 @struct.dataclass
@@ -142,8 +178,12 @@ class RPN(nn.Module):
       backbone: ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101`` or ``vgg16``.
       width: first-stage channels of the backbone (64 standard).
       norm: ``frozen_bn``, ``batch_norm``, ``group_norm`` or ``none`` (``jax_rpn.models.norm``).
+      stride_in_1x1: ResNet bottlenecks stride in their first 1x1 convolution (MSRA / Caffe2
+        weights, detectron2's default) instead of the 3x3 (torchvision).
       fpn: FPN levels P2..P6 (ResNet only); else C4 (ResNet) or conv5_3 (VGG-16).
       fpn_dim: FPN channels.
+      fpn_norm: norm after each FPN convolution (``none``: convolutions with bias).
+      fpn_p6: ``maxpool``, ``conv_p5`` or ``conv_c5`` (``jax_rpn.models.fpn``).
       head_convs, head_dim: shared 3x3 convolutions of the head and their channels (None =
         the feature channels).
       objectness: ``sigmoid`` or ``softmax``.
@@ -160,8 +200,11 @@ class RPN(nn.Module):
     backbone: str = "resnet50"
     width: int = 64
     norm: str = "frozen_bn"
+    stride_in_1x1: bool = False
     fpn: bool = True
     fpn_dim: int = 256
+    fpn_norm: str = "none"
+    fpn_p6: str = "maxpool"
     head_convs: int = 1
     head_dim: int | None = None
     objectness: str = "sigmoid"
@@ -190,10 +233,19 @@ class RPN(nn.Module):
                 width=self.width,
                 norm=self.norm,
                 out_features=("C2", "C3", "C4", "C5") if self.fpn else ("C4",),
+                stride_in_1x1=self.stride_in_1x1,
                 axis_name=self.axis_name,
                 dtype=self.dtype,
             )
-        self.neck = FPN(dim=self.fpn_dim, dtype=self.dtype) if self.fpn else None
+        self.neck = None
+        if self.fpn:
+            self.neck = FPN(
+                dim=self.fpn_dim,
+                norm=self.fpn_norm,
+                p6=self.fpn_p6,
+                axis_name=self.axis_name,
+                dtype=self.dtype,
+            )
         features = self.neck if self.fpn else self.body
         self.levels = tuple(features.strides)
         self.feature_strides = tuple(features.strides.values())
@@ -246,12 +298,12 @@ class RPN(nn.Module):
         if len(shape) != 4 or shape[-1] != 3:
             raise ValueError(f"images must have shape [B, H, W, 3], got {shape}")
         h, w = shape[1:3]
-        largest = max(self.feature_strides)
-        if h % largest or w % largest:
+        d = size_divisibility(fpn=self.fpn, strides=self.feature_strides)
+        if h % d or w % d:
+            what = "32 (FPN)" if self.fpn else f"the feature stride {d}"
             raise ValueError(
-                f"image size (H, W) = {(h, w)} must be divisible by the largest feature stride "
-                f"{largest}; pad the images (e.g. to "
-                f"{(-(-h // largest) * largest, -(-w // largest) * largest)})"
+                f"image size (H, W) = {(h, w)} must be divisible by {what}; pad the images "
+                f"(e.g. to {(-(-h // d) * d, -(-w // d) * d)})"
             )
         return h, w
 
@@ -265,11 +317,11 @@ class RPN(nn.Module):
             x = x / jnp.asarray(self.pixel_std, jnp.float32)
         features = self.body(x.astype(self.dtype), train=train)
         if self.neck is not None:
-            features = self.neck(features)
+            features = self.neck(features, train=train)
         return [features[name] for name in self.levels]
 
     def __call__(self, images: jax.Array, *, train: bool) -> RPNOutput:
-        """``images`` ``[B, H, W, 3]`` (H, W divisible by the largest stride) -> RPNOutput.
+        """``images`` ``[B, H, W, 3]`` (H, W divisible by :func:`size_divisibility`) -> RPNOutput.
 
         ``train`` selects batch statistics for ``batch_norm`` (then apply with
         ``mutable=["batch_stats"]``); other norms ignore it.
@@ -310,8 +362,11 @@ def build_rpn(config, *, axis_name: str | None = None) -> RPN:
         backbone=m.backbone,
         width=m.width,
         norm=m.norm,
+        stride_in_1x1=m.stride_in_1x1,
         fpn=m.fpn,
         fpn_dim=m.fpn_dim,
+        fpn_norm=m.fpn_norm,
+        fpn_p6=m.fpn_p6,
         head_convs=m.head_convs,
         head_dim=m.head_dim,
         objectness=m.objectness,

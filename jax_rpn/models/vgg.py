@@ -19,6 +19,14 @@ from jax_rpn.models.resnet import conv
 BLOCKS = ((2, 1), (2, 2), (3, 4), (3, 8), (3, 8))
 
 
+def stage_of(name: str) -> int:
+    """The block number 1..5 of a VGG-16 submodule (``conv3_2`` and ``norm3_2`` are in block 3);
+    py-faster-rcnn trains VGG-16 with blocks 1 and 2 fixed."""
+    if name.startswith(("conv", "norm")):
+        return int(name[4:].split("_")[0])
+    raise ValueError(f"{name!r} is not a VGG-16 submodule")
+
+
 class VGG16(nn.Module):
     """VGG-16: images ``[B, H, W, C]`` -> ``{"conv5_3": [B, H / 16, W / 16, 8 * width]}``.
 
