@@ -9,7 +9,7 @@ samples, half positive, L1 box loss. Training from the ImageNet R-50.pkl
 (``detectron2://ImageNetPretrained/MSRA/R-50.pkl``, converted with ``python -m
 jax_rpn.interop``; stem and res2 frozen): batch 16, 90k steps, SGD 0.02 with 1k warmup and
 steps at 60k/80k. Shorter side 800 (detectron2 samples 640..800 in training), longer side at
-most 1333, padded to 1344x1344.
+most 1333, padded to 800x1344 (landscape) or 1344x800 (portrait).
 """
 
 from configs import default
@@ -20,7 +20,8 @@ def get_config():
     c.data.name = "coco/2017"
     c.data.short_side = 800
     c.data.max_size = 1333
-    c.data.pad_to = (1344, 1344)
+    c.data.pad_to = (800, 1344)  # landscape; portrait images go to 1344x800
+    c.data.aspect_buckets = True  # as detectron2 groups images by aspect ratio
     c.data.max_boxes = 100
     c.data.channel_order = "bgr"  # detectron2's INPUT.FORMAT: the MSRA weights see BGR
     c.data.pixel_mean = (103.53, 116.28, 123.675)  # MODEL.PIXEL_MEAN (BGR)

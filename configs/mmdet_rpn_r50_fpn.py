@@ -27,7 +27,8 @@ def get_config():
     c.data.name = "coco/2017"
     c.data.short_side = 800
     c.data.max_size = 1333
-    c.data.pad_to = (1344, 1344)
+    c.data.pad_to = (800, 1344)  # landscape; portrait images go to 1344x800
+    c.data.aspect_buckets = True  # as detectron2 groups images by aspect ratio
     c.data.max_boxes = 100
     c.model.backbone = "resnet50"
     c.model.width = 64

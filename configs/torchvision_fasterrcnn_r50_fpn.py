@@ -8,8 +8,8 @@ with ImageNet's mean and std. RPN settings: pre-NMS top-n per level 2000 (train)
 (test), post-NMS per image 2000 / 1000, NMS 0.7, boxes smaller than 1e-3 dropped, IoU
 0.7 / 0.3 with low-quality matches, 256 samples per image, half positive, smooth-L1 beta 1/9.
 Shorter side 800, longer side at most 1333, padded to a multiple of 32 (here a static
-1344x1344). Training (references/detection, ImageNet ResNet-50 backbone,
-``trainable_backbone_layers=3``): batch 16, SGD 0.02, momentum 0.9, weight decay 1e-4,
+800x1344, or 1344x800 for portrait images). Training (references/detection, ImageNet
+ResNet-50 backbone, ``trainable_backbone_layers=3``): batch 16, SGD 0.02, momentum 0.9, weight decay 1e-4,
 1000 warmup steps from 0.001x, 26 epochs with x0.1 at epochs 16 and 22.
 
 Weights: ``fasterrcnn_resnet50_fpn(weights="DEFAULT")`` (COCO) or ``resnet50(weights=...)``
@@ -29,7 +29,8 @@ def get_config():
     c.data.name = "coco/2017"
     c.data.short_side = 800
     c.data.max_size = 1333
-    c.data.pad_to = (1344, 1344)
+    c.data.pad_to = (800, 1344)  # landscape; portrait images go to 1344x800
+    c.data.aspect_buckets = True  # as detectron2 groups images by aspect ratio
     c.data.max_boxes = 100
     c.model.backbone = "resnet50"
     c.model.width = 64

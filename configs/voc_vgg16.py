@@ -17,7 +17,8 @@ def get_config():
     c.data.eval_split = "test"
     c.data.short_side = 600
     c.data.max_size = 1000
-    c.data.pad_to = (1008, 1008)
+    c.data.pad_to = (608, 1008)  # landscape; portrait images go to 1008x608
+    c.data.aspect_buckets = True
     c.data.max_boxes = 64
     c.model.backbone = "vgg16"
     c.model.width = 64
