@@ -9,8 +9,8 @@ with ImageNet's mean and std. RPN settings: pre-NMS top-n per level 2000 (train)
 0.7 / 0.3 with low-quality matches, 256 samples per image, half positive, smooth-L1 beta 1/9.
 Shorter side 800, longer side at most 1333, padded to a multiple of 32 (here a static
 800x1344, or 1344x800 for portrait images). Training (references/detection, ImageNet
-ResNet-50 backbone, ``trainable_backbone_layers=3``): batch 16, SGD 0.02, momentum 0.9, weight decay 1e-4,
-1000 warmup steps from 0.001x, 26 epochs with x0.1 at epochs 16 and 22.
+ResNet-50 backbone, ``trainable_backbone_layers=3``): batch 16, SGD 0.02, momentum 0.9,
+weight decay 1e-4, 1000 warmup steps from 0.001x, 26 epochs with x0.1 at epochs 16 and 22.
 
 Weights: ``fasterrcnn_resnet50_fpn(weights="DEFAULT")`` (COCO) or ``resnet50(weights=...)``
 (ImageNet), converted by ``python -m jax_rpn.interop`` (docs/pretrained_weights.md). Where
