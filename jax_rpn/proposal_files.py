@@ -26,15 +26,17 @@ logit (for a ``softmax`` head that logit is foreground minus background, so this
 softmax's foreground probability). Recall only ranks proposals by score, in a stable order, so
 any score that grows with confidence gives the same numbers.
 
-detectron2's precomputed-proposal pickles (``ids``, ``boxes``, ``objectness_logits``,
-``bbox_mode``) are not read yet: reading pickles needs the restricted unpickler of
-``jax_rpn.interop.safe_load``.
+detectron2's precomputed-proposal pickles (``.pkl``: ``ids``, ``boxes`` ``[n_i, 4]`` in
+``bbox_mode`` XYXY_ABS or XYWH_ABS, ``objectness_logits [n_i]``, detectron2's
+``PROPOSAL_FILES``) are read through the plain-data unpickler of
+``jax_rpn.interop.safe_load``; scores become sigmoid probabilities.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
 import functools
 import json
 import math
@@ -274,8 +276,49 @@ def read_proposals(path: str) -> ProposalSet:
     if ext == ".npz":
         return read_npz(path)
     if ext in (".pkl", ".pickle"):
+        return read_detectron2_pickle(path)
+    raise ValueError(
+        f"{path}: unknown proposal file type {ext!r}; expected .json, .npz or .pkl (detectron2)"
+    )
+
+
+class _BoxMode(enum.IntEnum):
+    """Stands in for detectron2's ``BoxMode`` while unpickling (values as detectron2's)."""
+
+    XYXY_ABS = 0
+    XYWH_ABS = 1
+
+
+def read_detectron2_pickle(path: str) -> ProposalSet:
+    """detectron2's precomputed proposals (see the module doc) -> :class:`ProposalSet`."""
+    from jax_rpn.interop import safe_load
+
+    data = safe_load.load_pickle(path, admit={("detectron2.structures.boxes", "BoxMode"): _BoxMode})
+    if not isinstance(data, dict) or not {"ids", "boxes", "objectness_logits"} <= set(data):
         raise ValueError(
-            f"{path}: detectron2 proposal pickles are not supported yet (they need a restricted "
-            "unpickler); convert them to COCO results JSON"
+            f"{path}: a detectron2 proposal file is a dict with ids, boxes, objectness_logits "
+            f"and bbox_mode; got {type(data).__name__}"
+            + (f" with keys {sorted(data)}" if isinstance(data, dict) else "")
         )
-    raise ValueError(f"{path}: unknown proposal file type {ext!r}; expected .json or .npz")
+    mode = int(data.get("bbox_mode", _BoxMode.XYXY_ABS))
+    if mode not in (_BoxMode.XYXY_ABS, _BoxMode.XYWH_ABS):
+        raise ValueError(f"{path}: bbox_mode {mode} is not XYXY_ABS (0) or XYWH_ABS (1)")
+    ids, boxes, logits = data["ids"], data["boxes"], data["objectness_logits"]
+    if not len(ids) == len(boxes) == len(logits):
+        raise ValueError(
+            f"{path}: ids, boxes and objectness_logits have {len(ids)}, {len(boxes)} and "
+            f"{len(logits)} entries; expected one per image"
+        )
+    per_boxes, per_scores = [], []
+    for i, (b, s) in enumerate(zip(boxes, logits, strict=True)):
+        b = np.asarray(b, np.float32).reshape(-1, 4)
+        s = np.asarray(s, np.float32).reshape(-1)
+        if len(b) != len(s):
+            raise ValueError(f"{path}: image {i}: {len(b)} boxes but {len(s)} objectness_logits")
+        if mode == _BoxMode.XYWH_ABS:
+            b = np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], axis=1)
+        order = np.argsort(-s, kind="stable")
+        per_boxes.append(b[order])
+        per_scores.append(objectness_probability(s[order], np.ones(len(s), bool)))
+    n = len(ids)
+    return ProposalSet.from_lists(ids, [""] * n, np.zeros((n, 2), np.int32), per_boxes, per_scores)

@@ -100,7 +100,49 @@ def test_bad_files_are_named(tmp_path):
     with pytest.raises(ValueError, match="y.npz: not a readable npz"):
         proposal_files.read_proposals(str(tmp_path / "y.npz"))
     (tmp_path / "z.pkl").write_bytes(b"")
-    with pytest.raises(ValueError, match="detectron2 proposal pickles are not supported yet"):
+    with pytest.raises(ValueError, match="z.pkl: not a readable pickle"):
         proposal_files.read_proposals(str(tmp_path / "z.pkl"))
     with pytest.raises(FileNotFoundError, match="nothing.json does not exist"):
         proposal_files.read_proposals(str(tmp_path / "nothing.json"))
+
+
+def test_detectron2_proposal_pickles_are_read_without_running_code(tmp_path, monkeypatch):
+    """A PROPOSAL_FILES pickle as detectron2 writes it: its BoxMode enum is a global of
+    detectron2's, here a stand-in module, so the file refers to it by name."""
+    import enum
+    import pickle
+    import sys
+    import types
+
+    class BoxMode(enum.IntEnum):
+        XYXY_ABS = 0
+        XYWH_ABS = 1
+
+    module = types.ModuleType("detectron2.structures.boxes")
+    BoxMode.__module__, BoxMode.__qualname__ = module.__name__, "BoxMode"
+    module.BoxMode = BoxMode
+    for name in ("detectron2", "detectron2.structures", "detectron2.structures.boxes"):
+        monkeypatch.setitem(sys.modules, name, module)
+    data = {
+        "ids": [7, 9],
+        "boxes": [np.array([[0, 0, 10, 20], [5, 5, 6, 8]], np.float32), np.zeros((0, 4))],
+        "objectness_logits": [np.array([-1.0, 2.0], np.float32), np.zeros(0)],
+        "bbox_mode": BoxMode.XYWH_ABS,
+    }
+    path = tmp_path / "proposals.pkl"
+    path.write_bytes(pickle.dumps(data))
+    props = proposal_files.read_proposals(str(path))
+    assert props.image_ids.tolist() == [7, 9]
+    # Sorted by score; XYWH -> XYXY by hand; sigmoid(2) = 0.8808, sigmoid(-1) = 0.2689.
+    np.testing.assert_allclose(props.boxes[0], [[5, 5, 11, 13], [0, 0, 10, 20]])
+    np.testing.assert_allclose(props.scores[0], [0.8808, 0.2689], atol=1e-4)
+    assert props.valid.tolist() == [[True, True], [False, False]]
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("ran code",))
+
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"ids": [1], "boxes": [Evil()], "objectness_logits": [0]}))
+    with pytest.raises(ValueError, match="refused to unpickle the global builtins.print"):
+        proposal_files.read_proposals(str(evil))

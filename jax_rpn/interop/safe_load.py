@@ -65,13 +65,14 @@ class SafeUnpickler(pickle.Unpickler):
     """An unpickler for plain data: see :data:`_ADMITTED`; anything else raises
     :class:`UnsafeCheckpointError` naming the global, before it is called."""
 
-    def __init__(self, file, *, source: str):
+    def __init__(self, file, *, source: str, admit: dict | None = None):
         super().__init__(file, encoding="latin1")  # Python 2 pickles (Caffe2's) need latin1
         self.source = source
+        self.admitted = {**_ADMITTED, **(admit or {})}
 
     def find_class(self, module, name):
         try:
-            return _ADMITTED[(module, name)]
+            return self.admitted[(module, name)]
         except KeyError:
             raise UnsafeCheckpointError(
                 f"{self.source}: refused to unpickle the global {module}.{name}: it could run "
@@ -85,11 +86,12 @@ class SafeUnpickler(pickle.Unpickler):
         )
 
 
-def load_pickle(path: str):
-    """The first object pickled in ``path``, through :class:`SafeUnpickler`."""
+def load_pickle(path: str, *, admit: dict | None = None):
+    """The first object pickled in ``path``, through :class:`SafeUnpickler`; ``admit`` maps
+    more ``(module, name)`` globals to stand-ins of the caller's (plain classes of its own)."""
     with open(path, "rb") as f:
         try:
-            return SafeUnpickler(f, source=path).load()
+            return SafeUnpickler(f, source=path, admit=admit).load()
         except UnsafeCheckpointError:
             raise
         except Exception as e:  # truncated or not a pickle: EOFError, UnpicklingError, ...
