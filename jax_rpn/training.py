@@ -76,9 +76,11 @@ def make_train_step(config, model, tx, schedule):
     """Per-device ``train_step(state, batch) -> (state, metrics)``; metrics are pmean-ed.
 
     A step whose loss or gradients are not finite leaves parameters and optimizer state
-    unchanged and reports ``finite = 0`` (the loop then stops with a message).
+    unchanged and reports ``finite = 0`` (the loop then stops with a message). Frozen backbone
+    stages (``model.freeze_at``) get no gradient: their backward pass is not computed.
     """
     mutable = list(model_state_collections(config))
+    frozen = frozen_parameters(config.model.backbone, config.model.freeze_at)
     objective = functools.partial(
         rpn_objective,
         targets_settings=TargetSettings.from_config(config),
@@ -89,6 +91,13 @@ def make_train_step(config, model, tx, schedule):
         keys = _image_keys(state.key, state.step, batch["image"].shape[0])
 
         def loss_fn(params):
+            if frozen is not None:
+                params = jax.tree_util.tree_map_with_path(
+                    lambda path, p: (
+                        jax.lax.stop_gradient(p) if frozen(tuple(k.key for k in path)) else p
+                    ),
+                    params,
+                )
             variables = {"params": params, **state.model_state}
             outputs, new_model_state = model.apply(
                 variables, batch["image"], train=True, mutable=mutable

@@ -15,7 +15,7 @@ import pytest
 
 from configs import tiny
 from jax_rpn import config_checks, parallel, training
-from jax_rpn.models import build_rpn
+from jax_rpn.models import build_rpn, frozen_parameters
 from jax_rpn.optim import create_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -361,3 +361,31 @@ def test_more_steps_train_on_and_a_finished_run_appends_nothing(
     assert "Resumed from checkpoint at step 2" in out
     steps = [(r["step"], r["split"]) for r in map(json.loads, open(workdir + "/metrics.jsonl"))]
     assert steps == [(1, "train"), (2, "train"), (2, "eval"), (3, "train"), (3, "eval")]
+
+
+def test_frozen_stages_get_no_gradient_and_the_rest_the_same():
+    """freeze_at=2 (stem + res2) vs 0 on one batch: trainable parameters move exactly as
+    without freezing (their gradients do not depend on it), the frozen ones not at all, and
+    the logged gradient norm counts only the trainable ones."""
+    overrides = {"optim.weight_decay": 0.0, "optim.grad_clip_norm": None}
+    batch = _random_batch(np.random.default_rng(5), _config(), 8)
+    mesh = parallel.data_mesh(jax.devices()[:1])
+    free, (m_free,) = _run_steps(_config(**overrides), mesh, "shard_map", [batch])
+    held, (m_held,) = _run_steps(_config(**overrides, **{"model.freeze_at": 2}), mesh,
+                                 "shard_map", [batch])  # fmt: skip
+    start, _ = _run_steps(_config(**overrides), mesh, "shard_map", [])
+    frozen = frozen_parameters("resnet18", 2)
+    for path, before in jax.tree_util.tree_leaves_with_path(start.params):
+        keys = tuple(k.key for k in path)
+        after_held = _at(held.params, keys)
+        if frozen(keys):
+            np.testing.assert_array_equal(after_held, before)
+        else:
+            np.testing.assert_allclose(after_held, _at(free.params, keys), rtol=1e-5, atol=1e-7)
+    assert m_held["grad_norm"] < m_free["grad_norm"]
+
+
+def _at(tree, keys):
+    for k in keys:
+        tree = tree[k]
+    return tree
