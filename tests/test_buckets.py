@@ -140,7 +140,7 @@ def test_eval_covers_every_image_once_per_bucket(mixed_dataset):
     assert sorted(indices.tolist()) == list(range(10))
 
 
-def test_train_step_compiles_once_per_bucket():
+def test_train_step_compiles_once_per_bucket(fast_compile):
     config = tiny.get_config()
     config.data.pad_to, config.data.aspect_buckets = (64, 128), True
     config.data.short_side, config.data.max_size = 64, 128

@@ -23,15 +23,6 @@ def _load(name):
     return module
 
 
-@pytest.fixture
-def fast_compile():
-    """The example compiles two large programs; XLA's optimisations only cost time here."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tfds"))

@@ -16,12 +16,8 @@ BATCH = 2
 
 
 @pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-    """XLA's optimisations only cost compile time here (jax's compiles, not TensorFlow's)."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
+def _clear_predict_cache(fast_compile_module):
     yield
-    jax.config.update("jax_disable_most_optimizations", before)
     inference.predict_function.cache_clear()  # later tests count their own compiles
 
 

@@ -30,13 +30,8 @@ def _rgb(index, hw):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-    """Each padded shape compiles the RPN and its proposals; XLA's optimisations only cost
-    time here (they change no result these tests compare: all runs share the setting)."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
+def _clear_predict_cache(fast_compile_module):
     yield
-    jax.config.update("jax_disable_most_optimizations", before)
     inference.predict_function.cache_clear()  # later tests count their own compiles
 
 

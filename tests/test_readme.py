@@ -7,9 +7,6 @@ A block whose first line is ``# excerpt`` shows part of a file that other tests 
 import re
 from pathlib import Path
 
-import jax
-import pytest
-
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -17,14 +14,6 @@ def _blocks():
     text = README.read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
     return [b for b in blocks if not b.lstrip().startswith("# excerpt")]
-
-
-@pytest.fixture
-def fast_compile():
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def test_readme_python_blocks_run(fast_compile, capsys):

@@ -1,4 +1,4 @@
-"""Where "the same numbers" as torchvision stops (docs/same_numbers.md), pinned both ways.
+"""Where "the same numbers" as torchvision stops (the README section of that name), pinned.
 
 Each test runs the real torchvision (installed with the test extra; never skipped) on a
 hand-made input and shows its value next to ours, so a change on either side shows up here:

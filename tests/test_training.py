@@ -334,7 +334,7 @@ def test_rejected_runs_leave_no_workdir(tmp_path):
 
 
 def test_more_steps_train_on_and_a_finished_run_appends_nothing(
-    tmp_path, shapes_dir, monkeypatch, capsys
+    tmp_path, shapes_dir, monkeypatch, capsys, fast_compile
 ):
     monkeypatch.setattr(training, "set_up_compilation_cache", lambda workdir: None)
     overrides = {
@@ -363,7 +363,7 @@ def test_more_steps_train_on_and_a_finished_run_appends_nothing(
     assert steps == [(1, "train"), (2, "train"), (2, "eval"), (3, "train"), (3, "eval")]
 
 
-def test_frozen_stages_get_no_gradient_and_the_rest_the_same():
+def test_frozen_stages_get_no_gradient_and_the_rest_the_same(fast_compile):
     """freeze_at=2 (stem + res2) vs 0 on one batch: trainable parameters move exactly as
     without freezing (their gradients do not depend on it), the frozen ones not at all, and
     the logged gradient norm counts only the trainable ones."""
