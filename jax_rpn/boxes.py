@@ -44,6 +44,12 @@ def iou(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
     return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
 
 
+def aligned_iou(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
+    """IoU of aligned xyxy boxes ``[..., 4]`` and ``[..., 4]`` -> ``[...]``; 0 where union is 0."""
+    inter, union = _intersection_union(boxes1, boxes2)
+    return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+
+
 def giou(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
     """Generalized IoU of aligned xyxy boxes ``[..., 4]`` and ``[..., 4]`` -> ``[...]``.
 

@@ -49,7 +49,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of(config, "model.norm", NORMS)
     _one_of(config, "model.objectness", ("sigmoid", "softmax"))
     _one_of(config, "model.dtype", ("float32", "bfloat16"))
-    _one_of(config, "loss.box", ("smooth_l1", "giou"))
+    _one_of(config, "loss.box", ("smooth_l1", "giou", "iou"))
+    _one_of(config, "model.head", ("standard", "cascade"))
     _one_of(config, "optim.name", optim.OPTIMIZERS)
     _one_of(config, "optim.schedule", optim.SCHEDULES)
     _require(

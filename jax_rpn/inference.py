@@ -7,17 +7,35 @@ import ml_collections
 
 from jax_rpn import proposals
 from jax_rpn.models import RPNOutput, build_rpn, flatten_outputs
+from jax_rpn.models.cascade_head import CascadeRPNOutput
 
 
 def proposals_from_outputs(
-    outputs: RPNOutput, image_hw: jax.Array, *, config, train: bool = False
+    outputs: RPNOutput | CascadeRPNOutput, image_hw: jax.Array, *, config, train: bool = False
 ) -> proposals.Proposals:
     """Fixed-size proposals of a batch from RPN outputs -> :class:`proposals.Proposals` ``[B]``.
 
     ``image_hw [B, 2]`` are the true (unpadded) image sizes; settings from ``config.proposals``
-    (the ``_train`` or ``_test`` top-k), with the softmax form scored by fg - bg logit.
+    (the ``_train`` or ``_test`` top-k), with the softmax form scored by fg - bg logit. Cascade
+    RPN outputs are decoded against each image's refined anchors.
     """
     p = config.proposals
+    if isinstance(outputs, CascadeRPNOutput):
+        b = image_hw.shape[0]
+        generate = functools.partial(
+            proposals.generate,
+            pre_nms_topk=p.pre_nms_topk_train if train else p.pre_nms_topk_test,
+            post_nms_topk=p.post_nms_topk_train if train else p.post_nms_topk_test,
+            nms_threshold=p.nms_threshold,
+            min_size=p.min_size,
+            weights=tuple(config.targets.weights),
+        )
+        return jax.vmap(generate)(
+            list(outputs.refined_anchors),  # L x [B, Nl, 4]
+            [o.reshape(b, -1) for o in outputs.objectness],  # L x [B, Nl]
+            [d.reshape(b, -1, 4) for d in outputs.deltas],  # L x [B, Nl, 4]
+            image_hw,
+        )
     flat = flatten_outputs(outputs)
     objectness = flat.objectness_per_level
     if config.model.objectness == "softmax":
@@ -37,7 +55,7 @@ def proposals_from_outputs(
 
 def proposals_from_images(model, variables, images, image_hw, *, config) -> proposals.Proposals:
     """Run ``model`` (an :class:`jax_rpn.models.RPN`) in inference mode and make proposals."""
-    outputs = model.apply(variables, images, train=False)
+    outputs = model.apply(variables, images, train=False, image_hw=image_hw)
     return proposals_from_outputs(outputs, image_hw, config=config)
 
 

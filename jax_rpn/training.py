@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from jax_rpn import config_checks, evaluation, inference, parallel, viz
+from jax_rpn.cascade_objective import cascade_objective
 from jax_rpn.data import pipeline
 from jax_rpn.models import build_rpn, init_variables
 from jax_rpn.optim import create_optimizer
@@ -68,6 +69,7 @@ def make_train_step(config, model, tx, schedule):
     unchanged and reports ``finite = 0`` (the loop then stops with a message).
     """
     mutable = list(model_state_collections(config))
+    objective = cascade_objective if config.model.head == "cascade" else rpn_loss
 
     def train_step(state, batch):
         keys = _image_keys(state.key, state.step, batch["image"].shape[0])
@@ -75,9 +77,13 @@ def make_train_step(config, model, tx, schedule):
         def loss_fn(params):
             variables = {"params": params, **state.model_state}
             outputs, new_model_state = model.apply(
-                variables, batch["image"], train=True, mutable=mutable
+                variables,
+                batch["image"],
+                train=True,
+                image_hw=batch["image_hw"],
+                mutable=mutable,
             )
-            loss, metrics = rpn_loss(outputs, batch, keys, config=config)
+            loss, metrics = objective(outputs, batch, keys, config=config)
             return loss, (metrics, new_model_state)
 
         (_, (metrics, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
