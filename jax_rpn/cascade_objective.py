@@ -4,13 +4,14 @@ mmdetection's ``CascadeRPNHead.loss`` (``mmdet/models/dense_heads/cascade_rpn_he
 static shapes:
 
 - Stage 1 (regression only): anchors assigned by the centre-region rule
-  (:func:`jax_rpn.region_assign.region_assign`), no sampling; ``1 - IoU`` of the decoded box
-  and its ground truth over the positives, divided by ``B * N / 200`` (N anchors per image:
-  mmdetection's hard-coded average factor without sampling, from guided anchoring).
+  (:func:`jax_rpn.region_assign.region_assign`), no sampling; the box loss (mmdetection:
+  ``1 - IoU`` of the decoded box and its ground truth) over the positives, divided by
+  ``B * N / 200`` (N anchors per image: mmdetection's hard-coded average factor without
+  sampling, from guided anchoring).
 - Stage 2: the refined anchors matched by IoU (:func:`jax_rpn.matching.match`; mmdetection's
   ``MaxIoUAssigner`` 0.7 / 0.7 with ``min_pos_iou`` 0.3), balanced sampling
   (:func:`jax_rpn.sampling.sample_labels`), sigmoid cross-entropy on the sampled anchors and
-  ``1 - IoU`` on the sampled positives, both divided by ``B * num_samples`` (mmdetection
+  the box loss on the sampled positives, both divided by ``B * num_samples`` (mmdetection
   divides by the sampled count, the same whenever an image has enough candidates).
 
 Differences from mmdetection, deliberate: a low-quality positive of stage 2 keeps its best
@@ -151,8 +152,9 @@ def cascade_objective(
         bool masks.
       key: one PRNG key (split per image) or ``[B]`` per-image keys, for stage 2's sampling.
       config: ``cascade`` (stage 1), ``targets`` (stage 2's matching, sampling and coder
-        weights), ``loss.box_weight`` (stage 2's IoU loss) and ``anchors.sizes`` (the first
-        level's anchor side) settings (``configs/default.py``).
+        weights), ``loss`` (both stages' box loss: ``box``, mmdetection's ``iou``, and
+        ``beta``; ``box_weight``: stage 2's weight) and ``anchors.sizes`` (the first level's
+        anchor side) settings (``configs/default.py``).
 
     Returns:
       ``loss = cascade.stage1_box_weight * stage1 + objectness + loss.box_weight * box``;
@@ -197,13 +199,14 @@ def cascade_objective(
     logits = _flat(outputs.objectness, b)  # [B, N]
     deltas = _flat(outputs.deltas, b, 4)  # [B, N, 4]
 
+    box_kind = dict(kind=config.loss.box, beta=config.loss.beta)
     stage1 = losses.box_loss(
         s1_deltas,
         targets.stage1_targets,
         targets.stage1_labels,
-        kind="iou",
         anchors=grid,
         weights=tuple(c.stage1_weights),
+        **box_kind,
     ) / (b * n / _UNSAMPLED_FACTOR)
     normalizer = b * t.num_samples
     objectness = losses.objectness_loss(logits, targets.stage2_labels) / normalizer
@@ -212,9 +215,9 @@ def cascade_objective(
             deltas,
             targets.stage2_targets,
             targets.stage2_labels,
-            kind="iou",
             anchors=refined,
             weights=tuple(t.weights),
+            **box_kind,
         )
         / normalizer
     )

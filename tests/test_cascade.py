@@ -6,6 +6,8 @@ written out tap by tap; mmdetection's ``RegionAssigner.assign`` loop), ``lax`` d
 convolutions, and cases computed by hand in the comments.
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -18,7 +20,13 @@ from jax_rpn import boxes as box_ops
 from jax_rpn import config_checks, inference, matching, parallel, region_assign, training
 from jax_rpn.cascade_objective import cascade_objective, cascade_targets
 from jax_rpn.models import build_rpn, init_variables
-from jax_rpn.models.adaptive_conv import AdaptiveConv, adaptive_conv, anchor_points, regular_points
+from jax_rpn.models.adaptive_conv import (
+    AdaptiveConv,
+    adaptive_conv,
+    anchor_points,
+    multilevel_adaptive_conv,
+    regular_points,
+)
 from jax_rpn.models.cascade_head import CascadeRPNOutput
 from jax_rpn.optim import create_optimizer
 
@@ -111,13 +119,19 @@ def test_adaptive_conv_at_regular_points_is_a_dilated_conv(dilation):
     g_conv = jax.grad(lambda x, k: jnp.sum(conv(x, k) * d_out), argnums=(0, 1))(x, kernel)
     chex.assert_trees_all_close(g_ours, g_conv, rtol=1e-4, atol=1e-4)
 
-    # The module: the same kernel through its sampled path and its plain path.
+    # Several maps in one pass (a second, smaller level), and the module: the same kernel
+    # through its sampled path and its plain path (whose bias is initialised to 0).
+    small = x[:, :3, :4]
+    small_points = np.broadcast_to(regular_points((3, 4), dilation=dilation), (2, 3, 4, 9, 2))
+    both = multilevel_adaptive_conv([x, small], [points, small_points], kernel)
+    np.testing.assert_allclose(both[0], conv(x, kernel), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(both[1], conv(small, kernel), rtol=1e-5, atol=1e-5)
     module = AdaptiveConv(5, dilation=dilation)
-    plain = module.init(jax.random.key(0), jnp.asarray(x))
+    plain = module.init(jax.random.key(0), [jnp.asarray(x)])
     sampled = {"params": {"kernel": plain["params"]["conv"]["kernel"]}}
     np.testing.assert_allclose(
-        module.apply(sampled, jnp.asarray(x), jnp.asarray(points)),
-        module.apply(plain, jnp.asarray(x)),  # its bias is initialised to 0
+        module.apply(sampled, [x, small], [points, small_points])[1],
+        module.apply(plain, [x, small])[1],
         rtol=1e-5,
         atol=1e-6,
     )
@@ -446,16 +460,21 @@ def _batch(rng, config, batch_size):
     }
 
 
-def test_model_outputs_and_proposals_from_refined_anchors():
+@pytest.fixture(scope="module")
+def tiny_model():
     config = _tiny_cascade_config()
     model = build_rpn(config)
-    variables = init_variables(model, jax.random.key(0), (2, 64, 64, 3))
+    return config, model, init_variables(model, jax.random.key(0), (2, 64, 64, 3))
+
+
+def test_model_outputs_and_proposals_from_refined_anchors(tiny_model):
+    config, model, variables = tiny_model
     head = variables["params"]["head"]
     assert set(head) == {"stage1_conv", "stage1_deltas", "stage2_conv", "objectness", "deltas"}
     assert head["stage2_conv"]["kernel"].shape == (3, 3, 16, 16)  # no bias (DeformConv2d)
     images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
     image_hw = jnp.array([[64, 64], [40, 64]])
-    out = model.apply(variables, images, train=False, image_hw=image_hw)
+    out = jax.jit(functools.partial(model.apply, train=False))(variables, images, image_hw=image_hw)
     assert isinstance(out, CascadeRPNOutput)
     assert [o.shape for o in out.objectness] == [(2, s, s, 1) for s in (16, 8, 4, 2, 1)]
     # Refined anchors: stage 1's boxes (coder weights 10, 10, 2, 2), clipped to each image.
@@ -465,7 +484,9 @@ def test_model_outputs_and_proposals_from_refined_anchors():
     )
     np.testing.assert_allclose(out.refined_anchors[0][1], want, rtol=1e-6)
     # Proposals are stage 2's deltas decoded against the refined anchors (coder 20, 20, 10, 10).
-    props = inference.predict_proposals(variables, images, image_hw, config=config)
+    props = jax.jit(functools.partial(inference.proposals_from_outputs, config=config))(
+        out, image_hw
+    )
     flat_refined = jnp.concatenate(out.refined_anchors, 1)
     flat_deltas = jnp.concatenate([d.reshape(2, -1, 4) for d in out.deltas], 1)
     flat_logits = jnp.concatenate([o.reshape(2, -1) for o in out.objectness], 1)
@@ -479,52 +500,63 @@ def test_model_outputs_and_proposals_from_refined_anchors():
     assert float(props.scores[1, 0]) == pytest.approx(float(flat_logits[1, top]), rel=1e-6)
 
 
-@pytest.mark.parametrize("bias", [(0.0, 0.0, -60.0, -60.0), (1e4, -1e4, 0.0, 0.0)])
-def test_gradients_finite_for_degenerate_refined_anchors(bias):
+def test_gradients_finite_for_degenerate_refined_anchors(tiny_model):
     """Stage 1 pushed to zero-size boxes, or far outside the image (clipped to a line on its
     border): stage 2 samples nothing useful, and the loss and gradients stay finite."""
-    config = _tiny_cascade_config()
-    model = build_rpn(config)
-    variables = init_variables(model, jax.random.key(0), (2, 64, 64, 3))
-    params = jax.tree.map(lambda x: x, variables["params"])
-    params["head"]["stage1_deltas"]["bias"] = jnp.asarray(bias)
+    config, model, variables = tiny_model
     batch = _batch(np.random.default_rng(4), config, 2)
 
-    def loss_fn(p):
-        out, _ = model.apply(
-            {**variables, "params": p},
-            batch["image"],
-            train=True,
-            image_hw=batch["image_hw"],
-            mutable=["batch_stats"],
-        )
-        return cascade_objective(out, batch, jax.random.key(0), config=config)
+    @jax.jit
+    def loss_and_grads(bias):
+        params = jax.tree.map(lambda x: x, variables["params"])
+        params["head"]["stage1_deltas"]["bias"] = bias
 
-    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
-    refined = model.apply(variables | {"params": params}, batch["image"], train=False)
-    boxes = jnp.concatenate(refined.refined_anchors, 1)
-    short_side = jnp.minimum(boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1])
-    assert float(jnp.max(short_side)) < 1e-3
-    assert np.isfinite(loss) and all(np.isfinite(v) for v in metrics.values())
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-    assert metrics["num_positive"] == 0  # no refined anchor overlaps anything
+        def loss_fn(p):
+            out, _ = model.apply(
+                {**variables, "params": p},
+                batch["image"],
+                train=True,
+                image_hw=batch["image_hw"],
+                mutable=["batch_stats"],
+            )
+            loss, metrics = cascade_objective(out, batch, jax.random.key(0), config=config)
+            boxes = jnp.concatenate(out.refined_anchors, 1)
+            short = jnp.minimum(boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1])
+            return loss, (metrics, jnp.max(short))
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    # dw = dh = -60 / 2: sides times exp(-30); or dx, dy = +-1e4 / 10 anchor sides away.
+    for bias in ([0.0, 0.0, -60.0, -60.0], [1e4, -1e4, 0.0, 0.0]):
+        (loss, (metrics, short_side)), grads = loss_and_grads(jnp.array(bias))
+        assert float(short_side) < 1e-3
+        assert np.isfinite(loss) and all(np.isfinite(v) for v in metrics.values())
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+        assert metrics["num_positive"] == 0  # no refined anchor overlaps anything
 
 
-def test_cascade_train_step_compiles_once_and_learns():
-    config = _tiny_cascade_config()
-    config.optim.learning_rate = 0.05
+def test_cascade_train_step_compiles_once_and_learns(tiny_model):
+    """The trainer's step with the cascade head: one program for every step, on 2 devices."""
+    config, _, variables = tiny_model
     rng = np.random.default_rng(5)
     batches = [_batch(rng, config, 8) for _ in range(3)]
     mesh = parallel.data_mesh(jax.devices()[:2])
     model = build_rpn(config, axis_name=parallel.AXIS)
     tx, schedule = create_optimizer(config.optim, config.num_train_steps)
-    state = training.create_train_state(config, build_rpn(config), tx, jax.random.key(0))
+    params = variables["params"]
+    state = training.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state={"batch_stats": variables["batch_stats"]},
+        opt_state=tx.init(params),
+        key=jax.random.PRNGKey(0),
+    )
     state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     chex.clear_trace_counter()
     step = chex.assert_max_traces(training.make_train_step(config, model, tx, schedule), n=1)
     p_step = parallel.parallelize(step, mode="shard_map", mesh=mesh)
     losses = []
-    for batch in batches:
+    for batch in batches:  # new data, same shapes: no retrace
         state, m = p_step(state, parallel.shard_batch(batch, mode="shard_map", mesh=mesh))
         losses.append(float(m["loss"]))
         assert m["finite"] == 1 and m["stage1_positive"] > 0

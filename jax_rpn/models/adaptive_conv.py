@@ -16,12 +16,14 @@ them; Cascade RPN detaches the anchors it refines).
 
 Speed on XLA CPU: a gather materialising every tap's four corners at once writes
 ``36 * C`` floats per cell, and writing that buffer costs more than the arithmetic. The cells
-are therefore processed in chunks inside a ``lax.scan`` (a few MiB per step, reused): one
-gather of a table of 2x2 pixel neighbourhoods per tap (the four corners in one contiguous
-row), the corner weights, then one matmul with the kernel. The backward pass (a custom VJP)
-walks the same chunks and scatter-adds into one accumulator carried through the scan.
+of all maps and images (:func:`multilevel_adaptive_conv`) are therefore processed together in
+chunks inside one ``lax.scan`` (a few MiB per step, reused): one gather from a table of 2x2
+pixel neighbourhoods per tap (the four corners in one contiguous row), the corner weights,
+then one matmul with the kernel. The backward pass (a custom VJP) walks the same chunks and
+scatter-adds into one accumulator carried through the scan.
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -104,99 +106,124 @@ def _chunk_size(num_cells, channels):
     return int(min(1 << (chunk.bit_length() - 1), num_cells))
 
 
-def _taps(quads, rows, weights, chunk, channels):
-    """Bilinear samples ``[chunk, 9C]`` of one chunk: rows ``[chunk, 9]``, weights
-    ``[chunk, 9, 4]``."""
-    corners = quads.at[rows].get(mode="promise_in_bounds").reshape(chunk, 9, 4, channels)
-    return jnp.einsum("pkjc,pkj->pkc", corners, weights).reshape(chunk, 9 * channels)
+def _taps(quads, rows, weights):
+    """Bilinear samples ``[P, 9C]`` of P cells: rows ``[P, 9]``, weights ``[P, 9, 4]``."""
+    p = rows.shape[0]
+    c = quads.shape[1] // 4
+    corners = quads.at[rows].get(mode="promise_in_bounds").reshape(p, 9, 4, c)
+    return jnp.einsum("pkjc,pkj->pkc", corners, weights).reshape(p, 9 * c)
 
 
-def _forward(x, points, kernel):
-    h, w, c = x.shape
-    n = h * w
-    chunk = _chunk_size(n, c)
-    kernel = kernel.reshape(9 * c, -1).astype(x.dtype)  # [9C, O], row (ky * 3 + kx) * C + c
-    rows, weights = _rows_and_weights(points.reshape(n, 9, 2), (h, w))
-    weights = weights.astype(x.dtype)
-    quads = _neighbourhoods(x)
+def _forward(quads, rows, weights, kernel):
+    chunk = _chunk_size(rows.shape[0], quads.shape[1] // 4)
 
     def step(_, xs):
-        r, wt = xs
-        taps = _taps(quads, r, wt, chunk, c)  # [chunk, 9C]
+        taps = _taps(quads, *xs)  # [chunk, 9C]
         return None, (taps @ kernel, taps)
 
     _, (out, taps) = lax.scan(step, None, _chunked(chunk, rows, weights))
-    out = out.reshape(-1, kernel.shape[1])[:n].reshape(h, w, -1)
-    return out, (taps, rows, weights, kernel)
-
-
-def adaptive_conv(x: jax.Array, points: jax.Array, kernel: jax.Array) -> jax.Array:
-    """3x3 convolution of ``x [H, W, C]`` whose tap ``k`` of cell ``(i, j)`` reads ``x`` at
-    ``points [H, W, 9, 2]`` (y, x; bilinear, zero outside) -> ``[H, W, O]``.
-
-    ``kernel [3, 3, C, O]`` (``nn.Conv`` layout, tap ``k = ky * 3 + kx``); no bias. One image;
-    ``vmap`` over a batch. Differentiable in ``x`` and ``kernel``; ``points`` get no gradient.
-    """
-    if x.ndim != 3:
-        raise ValueError(f"x must have shape [H, W, C], got {x.shape}")
-    h, w, c = x.shape
-    if tuple(points.shape) != (h, w, 9, 2):
-        raise ValueError(
-            f"points must have shape [H, W, 9, 2] = {(h, w, 9, 2)}, got {points.shape}"
-        )
-    if kernel.ndim != 4 or tuple(kernel.shape[:3]) != (3, 3, c):
-        raise ValueError(f"kernel must have shape [3, 3, C={c}, O], got {kernel.shape}")
-    if isinstance(points, np.ndarray):  # e.g. a broadcast view: jit wants a plain array
-        points = np.ascontiguousarray(points, np.float32)
-    return _adaptive_conv(x, jnp.asarray(points, jnp.float32), kernel)
+    return out.reshape(-1, kernel.shape[1])[: rows.shape[0]], taps
 
 
 @jax.custom_vjp
-def _adaptive_conv(x, points, kernel):
-    return _forward(x, points, kernel)[0]
+def _sampled_conv(quads, rows, weights, kernel):
+    """``[P, O]``: for each of P cells, the 9 taps bilinearly sampled from the neighbourhood
+    table ``quads [R, 4C]`` (rows ``[P, 9]``, corner weights ``[P, 9, 4]``) times ``kernel
+    [9C, O]``. Gradients flow to ``quads`` and ``kernel``."""
+    return _forward(quads, rows, weights, kernel)[0]
 
 
-def _adaptive_conv_fwd(x, points, kernel):
-    out, (taps, rows, weights, kernel_2d) = _forward(x, points, kernel)
-    return out, (taps, rows, weights, kernel_2d, x, points, kernel)
+def _sampled_conv_fwd(quads, rows, weights, kernel):
+    out, taps = _forward(quads, rows, weights, kernel)
+    return out, (taps, rows, weights, kernel, quads.shape)
 
 
-def _adaptive_conv_bwd(res, d_out):
-    taps, rows, weights, kernel_2d, x, points, kernel = res
-    h, w, c = x.shape
-    n, chunk = h * w, taps.shape[1]
-    d_flat = d_out.reshape(n, -1).astype(x.dtype)
-    d_kernel = jnp.einsum("mpi,mpo->io", taps, _chunked(chunk, d_flat)[0])  # [9C, O]
+def _sampled_conv_bwd(res, d_out):
+    taps, rows, weights, kernel, table_shape = res
+    num_chunks, chunk = taps.shape[:2]
+    c = table_shape[1] // 4
+    (d_chunks,) = _chunked(chunk, d_out.astype(kernel.dtype))  # [num_chunks, chunk, O]
+    d_kernel = jnp.einsum("mpi,mpo->io", taps, d_chunks)  # [9C, O]
 
     def step(acc, xs):
         r, wt, d = xs
-        d_taps = (d @ kernel_2d.T).reshape(chunk, 9, 1, c)
+        d_taps = (d @ kernel.T).reshape(chunk, 9, 1, c)
         update = (wt[..., None] * d_taps).reshape(chunk * 9, 4 * c).astype(acc.dtype)
         # Materialised (a small buffer): XLA CPU's scatter with a fused update computation is
         # ~10x slower than the plain scatter-add of a ready buffer.
         update = lax.optimization_barrier(update)
         return acc.at[r.reshape(-1)].add(update, mode="promise_in_bounds"), None
 
-    acc = jnp.zeros(((h + 1) * (w + 1), 4 * c), jnp.float32)
-    acc, _ = lax.scan(step, acc, _chunked(chunk, rows, weights, d_flat))
-    _, pull = jax.vjp(_neighbourhoods, x)
-    (d_x,) = pull(acc.astype(x.dtype))
-    return (
-        d_x,
-        jnp.zeros_like(points),
-        d_kernel.reshape(kernel.shape).astype(kernel.dtype),
+    acc = jnp.zeros(table_shape, jnp.float32)
+    d_quads, _ = lax.scan(step, acc, (*_chunked(chunk, rows, weights), d_chunks))
+    return d_quads.astype(kernel.dtype), jnp.zeros_like(rows), jnp.zeros_like(weights), d_kernel
+
+
+_sampled_conv.defvjp(_sampled_conv_fwd, _sampled_conv_bwd)
+
+
+def multilevel_adaptive_conv(
+    xs: Sequence[jax.Array], points: Sequence[jax.Array], kernel: jax.Array
+) -> list[jax.Array]:
+    """:func:`adaptive_conv` of a batch on several maps with one kernel, in one pass:
+    ``xs`` L arrays ``[B, Hl, Wl, C]``, ``points`` L arrays ``[B, Hl, Wl, 9, 2]`` -> L arrays
+    ``[B, Hl, Wl, O]`` (what a head shared by the pyramid levels needs)."""
+    if len(xs) != len(points) or not xs:
+        raise ValueError(f"need one points array per map, got {len(points)} for {len(xs)} maps")
+    c = xs[0].shape[-1]
+    if kernel.ndim != 4 or tuple(kernel.shape[:3]) != (3, 3, c):
+        raise ValueError(f"kernel must have shape [3, 3, C={c}, O], got {kernel.shape}")
+    tables, rows, weights, offset = [], [], [], 0
+    for x, p in zip(xs, points, strict=True):
+        if x.ndim != 4 or x.shape[-1] != c:
+            raise ValueError(f"maps must be [B, H, W, C={c}], got {x.shape}")
+        b, h, w = x.shape[:3]
+        if tuple(p.shape) != (b, h, w, 9, 2):
+            raise ValueError(
+                f"points must have shape [B, H, W, 9, 2] = {(b, h, w, 9, 2)}, got {p.shape}"
+            )
+        if isinstance(p, np.ndarray):  # e.g. a broadcast view: jit wants a plain array
+            p = np.ascontiguousarray(p, np.float32)
+        r, wt = _rows_and_weights(jnp.asarray(p, jnp.float32).reshape(b, h * w, 9, 2), (h, w))
+        per_image = (h + 1) * (w + 1)
+        r = r + offset + per_image * jnp.arange(b, dtype=jnp.int32)[:, None, None]
+        tables.append(jax.vmap(_neighbourhoods)(x).reshape(b * per_image, 4 * c))
+        rows.append(r.reshape(b * h * w, 9))
+        weights.append(wt.reshape(b * h * w, 9, 4).astype(x.dtype))
+        offset += b * per_image
+    kernel_2d = kernel.reshape(9 * c, -1).astype(xs[0].dtype)  # row (ky * 3 + kx) * C + c
+    out = _sampled_conv(
+        jnp.concatenate(tables), jnp.concatenate(rows), jnp.concatenate(weights), kernel_2d
     )
+    sizes = np.cumsum([x.shape[0] * x.shape[1] * x.shape[2] for x in xs])[:-1]
+    return [o.reshape(*x.shape[:3], -1) for o, x in zip(jnp.split(out, sizes), xs, strict=True)]
 
 
-_adaptive_conv.defvjp(_adaptive_conv_fwd, _adaptive_conv_bwd)
+def adaptive_conv(x: jax.Array, points: jax.Array, kernel: jax.Array) -> jax.Array:
+    """3x3 convolution of ``x [H, W, C]`` whose tap ``k`` of cell ``(i, j)`` reads ``x`` at
+    ``points [H, W, 9, 2]`` (y, x; bilinear, zero outside) -> ``[H, W, O]``.
+
+    ``kernel [3, 3, C, O]`` (``nn.Conv`` layout, tap ``k = ky * 3 + kx``); no bias. One image
+    (:func:`multilevel_adaptive_conv` takes a batch of several maps at once). Differentiable in
+    ``x`` and ``kernel``; ``points`` get no gradient.
+    """
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape [H, W, C], got {x.shape}")
+    if tuple(points.shape) != (*x.shape[:2], 9, 2):
+        raise ValueError(
+            f"points must have shape [H, W, 9, 2] = {(*x.shape[:2], 9, 2)}, got {points.shape}"
+        )
+    return multilevel_adaptive_conv([x[None]], [points[None]], kernel)[0][0]
 
 
 class AdaptiveConv(nn.Module):
-    """mmdetection's ``AdaptiveConv``: a 3x3 convolution, ``features`` outputs, normal(0.01) init.
+    """mmdetection's ``AdaptiveConv``, one set of weights for every pyramid level: a 3x3
+    convolution to ``features`` channels, normal(0.01) init.
 
-    Called with ``points`` (``[B, H, W, 9, 2]``, e.g. :func:`anchor_points`) it samples there
-    (mmdetection's ``type='offset'``, a deformable convolution, no bias); with ``points=None``
-    it is a plain convolution of ``dilation`` with zero padding and a bias (``type='dilation'``).
+    Called with ``points`` (L arrays ``[B, Hl, Wl, 9, 2]``, e.g. :func:`anchor_points`) it
+    samples there (mmdetection's ``type='offset'``, a deformable convolution, no bias); with
+    ``points=None`` it is a plain convolution of ``dilation`` with zero padding and a bias
+    (``type='dilation'``).
 
     Attributes:
       features: output channels.
@@ -209,11 +236,13 @@ class AdaptiveConv(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, points: jax.Array | None = None) -> jax.Array:
-        """``x [B, H, W, C]`` -> ``[B, H, W, features]``."""
-        x = x.astype(self.dtype)
+    def __call__(
+        self, xs: Sequence[jax.Array], points: Sequence[jax.Array] | None = None
+    ) -> list[jax.Array]:
+        """L maps ``[B, Hl, Wl, C]`` -> L maps ``[B, Hl, Wl, features]``."""
+        xs = [x.astype(self.dtype) for x in xs]
         if points is None:
-            return nn.Conv(
+            conv = nn.Conv(
                 self.features,
                 (3, 3),
                 padding=((self.dilation, self.dilation),) * 2,
@@ -222,7 +251,8 @@ class AdaptiveConv(nn.Module):
                 dtype=self.dtype,
                 param_dtype=jnp.float32,
                 name="conv",
-            )(x)
-        kernel = self.param("kernel", NORMAL_001, (3, 3, x.shape[-1], self.features))
-        points = lax.stop_gradient(jnp.asarray(points, jnp.float32))
-        return jax.vmap(adaptive_conv, in_axes=(0, 0, None))(x, points, kernel)
+            )
+            return [conv(x) for x in xs]
+        kernel = self.param("kernel", NORMAL_001, (3, 3, xs[0].shape[-1], self.features))
+        points = [lax.stop_gradient(jnp.asarray(p, jnp.float32)) for p in points]
+        return multilevel_adaptive_conv(xs, points, kernel)

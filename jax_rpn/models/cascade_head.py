@@ -127,17 +127,19 @@ class CascadeHead(nn.Module):
             lambda a, d, hw: refine_anchors(a, d, hw, weights=self.stage1_weights),
             in_axes=(None, 0, 0),
         )
-        stage1_deltas, refined, objectness, deltas = [], [], [], []
-        for x, level_anchors, stride in zip(features, anchors, strides, strict=True):
+        bridged = [nn.relu(x) for x in stage1_conv(features)]  # L x [B, H, W, dim]
+        stage1_deltas, refined, points = [], [], []
+        for x, level_anchors, stride in zip(bridged, anchors, strides, strict=True):
             b, h, w = x.shape[:3]
-            x = nn.relu(stage1_conv(x))  # bridged features [B, H, W, dim]
             d1 = (x @ s1_kernel + s1_bias).astype(jnp.float32)  # [B, H, W, 4]
             boxes = refine(level_anchors, d1.reshape(b, h * w, 4), image_hw)  # [B, H * W, 4]
-            points = anchor_points(boxes.reshape(b, h, w, 4), stride=stride)  # [B, H, W, 9, 2]
-            x = nn.relu(stage2_conv(x, points))
-            out = (x @ kernel + bias).astype(jnp.float32)  # [B, H, W, 5]
             stage1_deltas.append(d1.reshape(b, h, w, 1, 4))
             refined.append(boxes)
+            points.append(anchor_points(boxes.reshape(b, h, w, 4), stride=stride))
+        objectness, deltas = [], []
+        for x in stage2_conv(bridged, points):  # taps on the refined anchors [B, H, W, 9, 2]
+            b, h, w = x.shape[:3]
+            out = (nn.relu(x) @ kernel + bias).astype(jnp.float32)  # [B, H, W, 5]
             objectness.append(out[..., :1])
             deltas.append(out[..., 1:].reshape(b, h, w, 1, 4))
         return tuple(stage1_deltas), tuple(refined), tuple(objectness), tuple(deltas)
