@@ -27,7 +27,7 @@ from jax_rpn.models.adaptive_conv import (
     multilevel_adaptive_conv,
     regular_points,
 )
-from jax_rpn.models.cascade_head import CascadeRPNOutput
+from jax_rpn.models.cascade_head import CascadeHead, CascadeRPNOutput
 from jax_rpn.optim import create_optimizer
 
 # ---------------------------------------------------------------------------------------------
@@ -500,35 +500,40 @@ def test_model_outputs_and_proposals_from_refined_anchors(tiny_model):
     assert float(props.scores[1, 0]) == pytest.approx(float(flat_logits[1, top]), rel=1e-6)
 
 
-def test_gradients_finite_for_degenerate_refined_anchors(tiny_model):
+def test_gradients_finite_for_degenerate_refined_anchors():
     """Stage 1 pushed to zero-size boxes, or far outside the image (clipped to a line on its
     border): stage 2 samples nothing useful, and the loss and gradients stay finite."""
-    config, model, variables = tiny_model
-    batch = _batch(np.random.default_rng(4), config, 2)
+    config = _tiny_cascade_config()
+    hws, strides = ((8, 8), (4, 4), (2, 2)), (8, 16, 32)
+    anchors = [_grid(hw, s, 2 * s) for hw, s in zip(hws, strides, strict=True)]
+    rng = np.random.default_rng(4)
+    features = [rng.normal(size=(2, *hw, 8)).astype(np.float32) for hw in hws]
+    image_hw = jnp.array([[64, 64], [48, 64]])
+    batch = _batch(rng, config, 2)
+    head = CascadeHead(conv_dim=8)
+    variables = head.init(jax.random.key(0), features, anchors, strides, image_hw)
 
     @jax.jit
-    def loss_and_grads(bias):
-        params = jax.tree.map(lambda x: x, variables["params"])
-        params["head"]["stage1_deltas"]["bias"] = bias
+    def loss_and_grads(params, bias):
+        params = {**params, "stage1_deltas": {**params["stage1_deltas"], "bias": bias}}
 
-        def loss_fn(p):
-            out, _ = model.apply(
-                {**variables, "params": p},
-                batch["image"],
-                train=True,
-                image_hw=batch["image_hw"],
-                mutable=["batch_stats"],
+        def loss_fn(params, features):
+            s1, refined, objectness, deltas = head.apply(
+                {"params": params}, features, anchors, strides, image_hw
+            )
+            out = CascadeRPNOutput(
+                objectness, deltas, tuple(anchors), s1, refined, tuple(features), strides
             )
             loss, metrics = cascade_objective(out, batch, jax.random.key(0), config=config)
-            boxes = jnp.concatenate(out.refined_anchors, 1)
+            boxes = jnp.concatenate(refined, 1)
             short = jnp.minimum(boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1])
             return loss, (metrics, jnp.max(short))
 
-        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, features)
 
     # dw = dh = -60 / 2: sides times exp(-30); or dx, dy = +-1e4 / 10 anchor sides away.
     for bias in ([0.0, 0.0, -60.0, -60.0], [1e4, -1e4, 0.0, 0.0]):
-        (loss, (metrics, short_side)), grads = loss_and_grads(jnp.array(bias))
+        (loss, (metrics, short_side)), grads = loss_and_grads(variables["params"], jnp.array(bias))
         assert float(short_side) < 1e-3
         assert np.isfinite(loss) and all(np.isfinite(v) for v in metrics.values())
         assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
