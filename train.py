@@ -5,12 +5,17 @@
   python train.py --config configs/default.py --config.num_train_steps=300
   python train.py --mode eval --workdir workdirs/default   # evaluate the latest checkpoint
 
-Re-running with the same workdir resumes from its latest checkpoint. Multi-host: pass
+The first run stores its config in <workdir>/config.json. Re-running with the same workdir
+resumes from its latest checkpoint with that config (--config.<field>=... overrides a field
+that may change on resume, e.g. num_train_steps to train on); a finished run prints its final
+recall. A config that changes the model, anchors, targets, optimizer or data is refused unless
+--restart starts over in the workdir. Multi-host: pass
 --coordinator_address/--num_processes/--process_id, or let jax.distributed read the cluster
 environment (TPU pods, SLURM) with --distributed.
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -22,6 +27,12 @@ _WORKDIR = flags.DEFINE_string(
 )
 _MODE = flags.DEFINE_enum(
     "mode", "train", ["train", "eval"], "Train (and resume) or only evaluate the latest checkpoint."
+)
+_RESTART = flags.DEFINE_bool(
+    "restart",
+    False,
+    "Start over in --workdir: delete its checkpoints, metrics and pictures first (needed when "
+    "the config changes fields that a resumed run cannot change).",
 )
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
@@ -38,20 +49,46 @@ _CPU_DEVICES = flags.DEFINE_integer(
 )
 
 
+def _run_config(workdir: str):
+    """The config of this run: the one stored in ``workdir`` (``config.json``) when no
+    ``--config`` file is given, with any ``--config.<field>`` overrides written over it; the
+    ``--config`` file (default ``configs/default.py``) otherwise."""
+    from jax_rpn import checkpoints
+
+    stored = checkpoints.read_config(workdir) if os.path.isdir(workdir) else None
+    if stored is None or flags.FLAGS["config"].present:
+        return _CONFIG.value
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    for field, value in overrides.items():
+        node = stored
+        *path, last = field.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    print(
+        f"Using the config stored in {os.path.join(workdir, checkpoints.CONFIG_FILE)}", flush=True
+    )
+    return stored
+
+
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # keep the progress bar readable; -v 0 for more
+        logging.set_verbosity(logging.ERROR)  # absl and tfds notices; -v 0 (or more) shows them
+    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+    config_name = os.path.splitext(os.path.basename(config_file))[0]
+    workdir = _WORKDIR.value or os.path.join("workdirs", config_name)
+    try:
+        config = _run_config(workdir)
+    except ValueError as e:
+        sys.exit(f"train.py: {e}")
     import jax
 
     from jax_rpn import parallel, training
 
     distributed = _DISTRIBUTED.value or _COORDINATOR.value
-    if not distributed and "xla_force_host_platform_device_count" not in os.environ.get(
-        "XLA_FLAGS", ""
-    ):
-        cpu_devices = _CPU_DEVICES.value or parallel.cpu_devices_for(_CONFIG.value.batch_size)
-        jax.config.update("jax_num_cpu_devices", cpu_devices)
+    if not distributed:
+        parallel.split_cpu(config.batch_size, requested=_CPU_DEVICES.value)
     if distributed:
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,
@@ -61,13 +98,20 @@ def main(argv):
     logging.info(
         "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )
-    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
-    config_name = os.path.splitext(os.path.basename(config_file))[0]
-    workdir = _WORKDIR.value or os.path.join("workdirs", config_name)
+    try:  # a bad config, a changed config or missing data: one message, no traceback
+        if _MODE.value == "eval":
+            trainer = training.setup_evaluation(config, workdir)
+        else:
+            trainer, changes = training.setup_training(config, workdir, restart=_RESTART.value)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"train.py: {e}")
     if _MODE.value == "eval":
-        training.evaluate_checkpoint(_CONFIG.value, workdir)
-    else:
-        training.train_and_evaluate(_CONFIG.value, workdir)
+        trainer.evaluate_and_record()
+        return
+    try:
+        trainer.train(restart=_RESTART.value, changes=changes)
+    except FloatingPointError as e:
+        sys.exit(f"train.py: {e}")
 
 
 if __name__ == "__main__":

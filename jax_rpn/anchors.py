@@ -20,10 +20,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jax_rpn.shape_checks import check_shape
+
 CONVENTIONS = ("detectron2", "torchvision", "py-faster-rcnn")
 
 
 def _check_positive(name, values):
+    """``values [V]`` -> a tuple of floats; ValueError unless all are finite and > 0."""
+    check_shape(values, name, "[V]", dtype="real")
     values = tuple(float(v) for v in values)
     if not values:
         raise ValueError(f"{name} must not be empty")
@@ -105,6 +109,9 @@ def grid_anchors(
     Cell (i, j) is shifted by ``((j + offset) * stride, (i + offset) * stride)``; anchors are
     ordered by row, then column, then cell anchor.
     """
+    check_shape(feature_hw, "feature_hw", "[2]", dtype="int")
+    check_shape(stride, "stride", "[]", dtype="real")
+    check_shape(cell_anchors, "cell_anchors", "[A, 4]")
     h, w = (int(v) for v in feature_hw)
     if h <= 0 or w <= 0:
         raise ValueError(f"feature_hw must be two positive ints, got {feature_hw}")
@@ -113,8 +120,6 @@ def grid_anchors(
     if not 0.0 <= offset < 1.0:
         raise ValueError(f"offset must be in [0, 1), got {offset}")
     cells = np.asarray(cell_anchors, np.float32)
-    if cells.ndim != 2 or cells.shape[1] != 4:
-        raise ValueError(f"cell_anchors must have shape [A, 4], got {cells.shape}")
     stride = np.float32(stride)
     shift_x = np.arange(w, dtype=np.float32) * stride + np.float32(offset) * stride
     shift_y = np.arange(h, dtype=np.float32) * stride + np.float32(offset) * stride
@@ -124,10 +129,14 @@ def grid_anchors(
 
 
 def per_level(name: str, values, num_levels: int) -> list[tuple]:
-    """Broadcast a flat sequence (shared by all levels) or validate a per-level one."""
+    """Broadcast a flat sequence ``[V]`` (shared by all levels) or validate a per-level one
+    (``[L]`` sequences ``[Vl]``) -> a list of L tuples."""
     values = list(values)
-    if values and not isinstance(values[0], (list, tuple)):
+    if not values or (not isinstance(values[0], (list, tuple)) and np.ndim(values[0]) == 0):
+        check_shape(values, name, "[V]")
         return [tuple(values)] * num_levels
+    for level, v in enumerate(values):
+        check_shape(v, f"{name}[{level}]", "[V]")
     if len(values) == 1:
         return [tuple(values[0])] * num_levels
     if len(values) != num_levels:
@@ -176,10 +185,8 @@ def multilevel_anchors(
     convention: str = "detectron2",
 ) -> list[np.ndarray]:
     """Anchors of every pyramid level -> list of L float32 ``[Hl * Wl * A, 4]`` arrays."""
-    if len(feature_hws) != len(strides):
-        raise ValueError(
-            f"feature_hws has {len(feature_hws)} levels but strides has {len(strides)}"
-        )
+    levels = check_shape(feature_hws, "feature_hws", "[L, 2]", dtype="int")
+    check_shape(strides, "strides", "[L]", sizes=levels)
     cells = level_cell_anchors(strides, sizes, aspect_ratios, convention=convention)
     return [
         grid_anchors(hw, stride, c, offset=offset)

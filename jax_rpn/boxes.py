@@ -1,5 +1,9 @@
 """Box operations: area, IoU, GIoU, clipping, validity and the box coder.
 
+``pairwise_*`` functions compare every box of one set with every box of another (torchvision's
+``box_iou``); ``aligned_*`` functions compare boxes at the same index (scenic's
+``all_pairs=False``).
+
 Every box is ``[x1, y1, x2, y2]`` in absolute pixels, float32, with ``x1 <= x2`` and
 ``y1 <= y2``. Shapes: ``[..., 4]`` means any leading batch dimensions.
 """
@@ -10,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_rpn.shape_checks import check_shape
+
 # detectron2's default clamp on dw, dh before exp(): log(1000 / 16).
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 
@@ -19,6 +25,7 @@ _MIN_EXTENT = 1e-6
 
 def area(boxes: jax.Array) -> jax.Array:
     """Area of ``[..., 4]`` xyxy boxes -> ``[...]``; a box with x2 < x1 or y2 < y1 has area 0."""
+    check_shape(boxes, "boxes", "[..., 4]")
     w = jnp.maximum(boxes[..., 2] - boxes[..., 0], 0.0)
     h = jnp.maximum(boxes[..., 3] - boxes[..., 1], 0.0)
     return w * h
@@ -35,35 +42,46 @@ def _intersection_union(boxes1, boxes2):
     return inter, union
 
 
-def iou(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
-    """Pairwise IoU of xyxy ``boxes1 [N, 4]`` and ``boxes2 [M, 4]`` -> ``[N, M]``.
+def _ratio(part, whole):
+    """``part / whole``, 0 where ``whole`` is 0 (with a finite gradient there)."""
+    return jnp.where(whole > 0, part / jnp.where(whole > 0, whole, 1.0), 0.0)
+
+
+def pairwise_iou(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
+    """IoU of every pair of xyxy ``boxes1 [N, 4]`` and ``boxes2 [M, 4]`` -> ``[N, M]``.
 
     A pair whose union is 0 (two empty boxes) has IoU 0, never NaN.
     """
-    inter, union = _intersection_union(boxes1[:, None, :], boxes2[None, :, :])  # [N, M]
-    return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+    check_shape(boxes1, "boxes1", "[N, 4]")
+    check_shape(boxes2, "boxes2", "[M, 4]")
+    return _ratio(*_intersection_union(boxes1[:, None, :], boxes2[None, :, :]))  # [N, M]
+
+
+def _check_aligned(boxes1, boxes2):
+    check_shape(boxes1, "boxes1", "[..., 4]")
+    check_shape(boxes2, "boxes2", "[..., 4]")
 
 
 def aligned_iou(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
-    """IoU of aligned xyxy boxes ``[..., 4]`` and ``[..., 4]`` -> ``[...]``; 0 where union is 0."""
-    inter, union = _intersection_union(boxes1, boxes2)
-    return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+    """IoU of aligned xyxy boxes: ``boxes1[i]`` with ``boxes2[i]``, ``[..., 4]`` and ``[..., 4]``
+    -> ``[...]``. A pair whose union is 0 has IoU 0."""
+    _check_aligned(boxes1, boxes2)
+    return _ratio(*_intersection_union(boxes1, boxes2))
 
 
-def giou(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
-    """Generalized IoU of aligned xyxy boxes ``[..., 4]`` and ``[..., 4]`` -> ``[...]``.
+def aligned_giou(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
+    """Generalized IoU of aligned xyxy boxes: ``boxes1[i]`` with ``boxes2[i]``, ``[..., 4]`` and
+    ``[..., 4]`` -> ``[...]``.
 
     In [-1, 1]; pairs of empty boxes give 0 (their IoU) instead of NaN.
     """
+    _check_aligned(boxes1, boxes2)
     inter, union = _intersection_union(boxes1, boxes2)
-    safe_union = jnp.where(union > 0, union, 1.0)
-    iou_ = jnp.where(union > 0, inter / safe_union, 0.0)
     lt = jnp.minimum(boxes1[..., :2], boxes2[..., :2])
     rb = jnp.maximum(boxes1[..., 2:], boxes2[..., 2:])
     wh = jnp.maximum(rb - lt, 0.0)
     hull = wh[..., 0] * wh[..., 1]
-    penalty = jnp.where(hull > 0, (hull - union) / jnp.where(hull > 0, hull, 1.0), 0.0)
-    return iou_ - penalty
+    return _ratio(inter, union) - _ratio(hull - union, hull)
 
 
 def clip(boxes: jax.Array, image_hw) -> jax.Array:
@@ -71,6 +89,8 @@ def clip(boxes: jax.Array, image_hw) -> jax.Array:
 
     ``image_hw`` may be a traced ``[2]`` array (true image size inside a padded batch).
     """
+    check_shape(boxes, "boxes", "[..., 4]")
+    check_shape(image_hw, "image_hw", "[2]", dtype="real")
     h = jnp.asarray(image_hw[0], boxes.dtype)
     w = jnp.asarray(image_hw[1], boxes.dtype)
     x = jnp.clip(boxes[..., 0::2], 0.0, w)
@@ -80,22 +100,23 @@ def clip(boxes: jax.Array, image_hw) -> jax.Array:
 
 def is_valid(boxes: jax.Array) -> jax.Array:
     """``[..., 4]`` -> bool ``[...]``: finite coordinates and positive width and height."""
+    check_shape(boxes, "boxes", "[..., 4]")
     finite = jnp.all(jnp.isfinite(boxes), axis=-1)
     positive = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
     return finite & positive
 
 
 def check_boxes(boxes, *, name: str = "boxes") -> None:
-    """Raise ValueError if concrete ``boxes [..., 4]`` are malformed; no-op under tracing.
+    """Raise ValueError if ``boxes [..., 4]`` are malformed.
 
-    Checks the trailing dimension, finiteness and ``x1 <= x2``, ``y1 <= y2``. Traced values
-    cannot be checked without a host round-trip; the ops give them defined behaviour instead.
+    Checks the trailing dimension and, for concrete boxes, finiteness and ``x1 <= x2``,
+    ``y1 <= y2``. Traced values cannot be checked without a host round-trip; the ops give them
+    defined behaviour instead.
     """
+    check_shape(boxes, name, "[..., 4]")
     if isinstance(boxes, jax.core.Tracer):
         return
     b = np.asarray(boxes)
-    if b.ndim < 1 or b.shape[-1] != 4:
-        raise ValueError(f"{name} must have shape [..., 4] (x1, y1, x2, y2), got {b.shape}")
     if not np.all(np.isfinite(b)):
         bad = tuple(int(i) for i in np.argwhere(~np.all(np.isfinite(b), axis=-1))[0])
         raise ValueError(f"{name} has non-finite coordinates at index {bad}")
@@ -126,6 +147,8 @@ def encode(reference: jax.Array, target: jax.Array, *, weights=(1.0, 1.0, 1.0, 1
     ``dw = ww * log(tw / rw)``. Widths and heights are floored at 1e-6, so degenerate
     boxes give large but finite deltas instead of inf/NaN.
     """
+    check_shape(reference, "reference", "[..., 4]")
+    check_shape(target, "target", "[..., 4]")
     _check_weights(weights)
     wx, wy, ww, wh = weights
     rx, ry, rw, rh = _centers_sizes(reference)
@@ -154,6 +177,8 @@ def decode(
     detectron2 and torchvision) so ``exp`` cannot overflow. Non-finite deltas give non-finite
     boxes, which :mod:`jax_rpn.proposals` masks out.
     """
+    check_shape(reference, "reference", "[..., 4]")
+    check_shape(deltas, "deltas", "[..., 4]")
     _check_weights(weights)
     wx, wy, ww, wh = weights
     deltas = deltas.astype(jnp.float32)

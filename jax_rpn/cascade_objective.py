@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from jax_rpn import boxes as box_ops
 from jax_rpn import losses, matching, region_assign, sampling
 from jax_rpn.models.cascade_head import CascadeRPNOutput
-from jax_rpn.rpn_loss import _per_image_keys
+from jax_rpn.settings import CascadeSettings, LossSettings, TargetSettings
+from jax_rpn.targets import _per_image_keys
 
 # mmdetection's average factor of a stage without sampling: anchors / 200.
 _UNSAMPLED_FACTOR = 200.0
@@ -78,6 +79,9 @@ def cascade_targets(
     positive_fraction: float = 0.5,
     stage2_weights=(20.0, 20.0, 10.0, 10.0),
     gt_ignore: jax.Array | None = None,
+    ignore_iof: float | None = None,
+    image_hw=None,
+    border: float | None = None,
 ) -> CascadeTargets:
     """Both stages' targets for one image (defaults: mmdetection's Cascade RPN).
 
@@ -91,8 +95,9 @@ def cascade_targets(
       strides, feature_hws, anchor_size, center_ratio, ignore_ratio: stage 1's assignment,
         :func:`jax_rpn.region_assign.region_assign`.
       stage1_weights, stage2_weights: box coder weights of each stage (1 / target stds).
-      high, low, allow_low_quality, low_quality_min_iou: stage 2's
-        :func:`jax_rpn.matching.match`; num_samples, positive_fraction: its sampling.
+      high, low, allow_low_quality, low_quality_min_iou, ignore_iof, image_hw, border:
+        stage 2's :func:`jax_rpn.matching.match` (mmdetection: no ignore IoF, no border);
+        num_samples, positive_fraction: its sampling.
     """
     gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
     grid = jnp.concatenate([jnp.asarray(a, jnp.float32) for a in anchors])  # [N, 4]
@@ -122,6 +127,9 @@ def cascade_targets(
         allow_low_quality=allow_low_quality,
         low_quality_min_iou=low_quality_min_iou,
         gt_ignore=gt_ignore,
+        ignore_iof=ignore_iof,
+        image_hw=image_hw,
+        border=border,
     )
     labels2 = sampling.sample_labels(
         key, labels2, num_samples=num_samples, positive_fraction=positive_fraction
@@ -142,35 +150,42 @@ def _flat(levels, batch_size, *trailing):
 
 
 def cascade_objective(
-    outputs: CascadeRPNOutput, batch: dict, key: jax.Array, *, config
+    outputs: CascadeRPNOutput,
+    batch: dict,
+    key: jax.Array,
+    *,
+    targets_settings: TargetSettings,
+    loss_settings: LossSettings,
+    cascade_settings: CascadeSettings,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Cascade RPN loss of a batch and its metrics.
 
     Args:
       outputs: the :class:`jax_rpn.models.cascade_head.CascadeRPNOutput` of ``B`` images.
       batch: ``boxes [B, G, 4]`` xyxy ground truth, ``valid [B, G]`` and ``ignore [B, G]``
-        bool masks.
+        bool masks, ``image_hw [B, 2]`` int.
       key: one PRNG key (split per image) or ``[B]`` per-image keys, for stage 2's sampling.
-      config: ``cascade`` (stage 1), ``targets`` (stage 2's matching, sampling and coder
-        weights), ``loss`` (both stages' box loss: ``box``, mmdetection's ``iou``, and
-        ``beta``; ``box_weight``: stage 2's weight) and ``anchors.sizes`` (the first level's
-        anchor side) settings (``configs/default.py``).
+      targets_settings: stage 2's matcher, sampler and box coder.
+      loss_settings: both stages' box loss (``box``: mmdetection's ``iou``; ``beta``) and
+        stage 2's ``box_weight``.
+      cascade_settings: stage 1 (assignment, coder, loss weight) and stage 2's minimum IoU of
+        a best-anchor positive.
 
     Returns:
-      ``loss = cascade.stage1_box_weight * stage1 + objectness + loss.box_weight * box``;
-      metrics: ``loss``, ``stage1_box_loss``, ``objectness_loss``, ``box_loss``,
-      ``stage1_positive`` (per image), ``num_positive`` and ``num_negative`` (stage 2, sampled,
-      per image), ``fg_accuracy``, ``bg_accuracy``, ``stage1_iou`` and ``refined_iou`` (mean
-      IoU with their box of stage 1's positives, before and after refinement), and
-      ``nonfinite_outputs`` (anchors with an inf/NaN output, per image).
+      ``loss = stage1_box_weight * stage1 + objectness + box_weight * box``; metrics:
+      ``loss``, ``stage1_box_loss``, ``objectness_loss``, ``box_loss``, ``stage1_positive``
+      (per image), ``num_positive`` and ``num_negative`` (stage 2, sampled, per image),
+      ``fg_accuracy``, ``bg_accuracy``, ``stage1_iou`` and ``refined_iou`` (mean IoU with their
+      box of stage 1's positives, before and after refinement), and ``nonfinite_outputs``
+      (anchors with an inf/NaN output, per image).
     """
-    c, t = config.cascade, config.targets
+    c, t = cascade_settings, targets_settings
     b = outputs.deltas[0].shape[0]
     anchors = [jnp.asarray(a, jnp.float32) for a in outputs.anchors]
     refined = _flat(outputs.refined_anchors, b, 4)  # [B, N, 4]
     feature_hws = [tuple(x.shape[1:3]) for x in outputs.objectness]
     targets = jax.vmap(
-        lambda k, r, boxes, valid, ignore: cascade_targets(
+        lambda k, r, boxes, valid, ignore, hw: cascade_targets(
             k,
             anchors,
             r,
@@ -178,20 +193,30 @@ def cascade_objective(
             valid,
             strides=outputs.strides,
             feature_hws=feature_hws,
-            anchor_size=float(config.anchors.sizes[0][0]),
+            anchor_size=c.anchor_size,
             center_ratio=c.center_ratio,
             ignore_ratio=c.ignore_ratio,
-            stage1_weights=tuple(c.stage1_weights),
+            stage1_weights=c.stage1_weights,
             high=t.high,
             low=t.low,
             allow_low_quality=t.allow_low_quality,
             low_quality_min_iou=c.low_quality_min_iou,
             num_samples=t.num_samples,
             positive_fraction=t.positive_fraction,
-            stage2_weights=tuple(t.weights),
+            stage2_weights=t.weights,
             gt_ignore=ignore,
+            ignore_iof=t.ignore_iof,
+            image_hw=hw,
+            border=t.border,
         )
-    )(_per_image_keys(key, b), refined, batch["boxes"], batch["valid"], batch["ignore"])
+    )(
+        _per_image_keys(key, b),
+        refined,
+        batch["boxes"],
+        batch["valid"],
+        batch["ignore"],
+        batch["image_hw"],
+    )
     targets = jax.lax.stop_gradient(targets)
     grid = jnp.concatenate(anchors)  # [N, 4]
     n = grid.shape[0]
@@ -199,13 +224,13 @@ def cascade_objective(
     logits = _flat(outputs.objectness, b)  # [B, N]
     deltas = _flat(outputs.deltas, b, 4)  # [B, N, 4]
 
-    box_kind = dict(kind=config.loss.box, beta=config.loss.beta)
+    box_kind = {"kind": loss_settings.box, "beta": loss_settings.beta}
     stage1 = losses.box_loss(
         s1_deltas,
         targets.stage1_targets,
         targets.stage1_labels,
         anchors=grid,
-        weights=tuple(c.stage1_weights),
+        weights=c.stage1_weights,
         **box_kind,
     ) / (b * n / _UNSAMPLED_FACTOR)
     normalizer = b * t.num_samples
@@ -216,15 +241,15 @@ def cascade_objective(
             targets.stage2_targets,
             targets.stage2_labels,
             anchors=refined,
-            weights=tuple(t.weights),
+            weights=t.weights,
             **box_kind,
         )
         / normalizer
     )
-    loss = c.stage1_box_weight * stage1 + objectness + config.loss.box_weight * box
+    loss = c.stage1_box_weight * stage1 + objectness + loss_settings.box_weight * box
 
     pos1 = targets.stage1_labels == 1  # [B, N]
-    gt1 = box_ops.decode(grid, targets.stage1_targets, weights=tuple(c.stage1_weights))
+    gt1 = box_ops.decode(grid, targets.stage1_targets, weights=c.stage1_weights)
     num_pos1 = jnp.maximum(pos1.sum(), 1)
     pos, neg = targets.stage2_labels == 1, targets.stage2_labels == 0
     num_pos = pos.sum().astype(jnp.float32)

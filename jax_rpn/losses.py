@@ -103,7 +103,7 @@ def box_loss(
         anchors = jnp.asarray(anchors, jnp.float32)
         pred_boxes = box_ops.decode(anchors, pred, weights=weights)  # [..., 4]
         target_boxes = box_ops.decode(anchors, target, weights=weights, scale_clamp=math.inf)
-        overlap = box_ops.giou if kind == "giou" else box_ops.aligned_iou
+        overlap = box_ops.aligned_giou if kind == "giou" else box_ops.aligned_iou
         loss = 1.0 - overlap(pred_boxes, target_boxes)  # [...]
     else:
         raise ValueError(f"kind must be one of {BOX_KINDS}, got {kind!r}")

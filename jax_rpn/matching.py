@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_rpn import boxes as box_ops
+from jax_rpn.shape_checks import check_shape
 
 # Auto chunking: about this many IoU values ([chunk, G] floats, 1 MiB) per scan step, so a
 # chunk and its reductions stay in cache; measured fastest on XLA CPU (benchmarks/targets.py).
@@ -53,17 +54,22 @@ def check_thresholds(high: float, low: float) -> None:
         raise ValueError(f"low must be <= high, got low={low}, high={high}")
 
 
-def _check_inputs(anchors, gt_boxes, gt_valid, gt_ignore):
-    if anchors.ndim != 2 or anchors.shape[-1] != 4:
-        raise ValueError(f"anchors must have shape [N, 4], got {anchors.shape}")
-    if gt_boxes.ndim != 2 or gt_boxes.shape[-1] != 4:
-        raise ValueError(f"gt_boxes must have shape [G, 4], got {gt_boxes.shape}")
-    num_gt = gt_boxes.shape[0]
-    if gt_valid.shape != (num_gt,):
-        raise ValueError(f"gt_valid must have shape [G] = ({num_gt},), got {gt_valid.shape}")
-    if gt_ignore is not None and gt_ignore.shape != (num_gt,):
-        raise ValueError(f"gt_ignore must have shape [G] = ({num_gt},), got {gt_ignore.shape}")
-    box_ops.check_boxes(anchors, name="anchors")
+def check_inputs(
+    anchors, gt_boxes, gt_valid, gt_ignore=None, image_hw=None, *, batched: bool = False
+) -> dict[str, int]:
+    """Raise ValueError unless :func:`match`'s arrays have their shapes: ``anchors [N, 4]``,
+    ``gt_boxes [G, 4]``, masks ``gt_valid`` and ``gt_ignore`` (optional) ``[G]`` of bool or
+    integer dtype, ``image_hw [2]`` (optional). With ``batched``, all but the anchors carry a
+    leading ``B``. Returns the sizes (``G``, and ``B`` when batched)."""
+    lead = "B, " if batched else ""
+    check_shape(anchors, "anchors", "[N, 4]")
+    sizes = check_shape(gt_boxes, "gt_boxes", f"[{lead}G, 4]")
+    check_shape(gt_valid, "gt_valid", f"[{lead}G]", dtype="mask", sizes=sizes)
+    if gt_ignore is not None:
+        check_shape(gt_ignore, "gt_ignore", f"[{lead}G]", dtype="mask", sizes=sizes)
+    if image_hw is not None:
+        check_shape(image_hw, "image_hw", f"[{lead}2]", dtype="real", sizes=sizes)
+    return sizes
 
 
 def auto_anchor_chunk(num_anchors: int, num_gt: int) -> int:
@@ -82,6 +88,8 @@ def inside_image(anchors: jax.Array, image_hw, border: float) -> jax.Array:
     py-faster-rcnn / detectron2 rule: ``x1 >= -border``, ``y1 >= -border``,
     ``x2 < w + border``, ``y2 < h + border``. ``image_hw`` may be a traced ``[2]`` array.
     """
+    check_shape(anchors, "anchors", "[N, 4]")
+    check_shape(image_hw, "image_hw", "[2]", dtype="real")
     h = jnp.asarray(image_hw[0], jnp.float32)
     w = jnp.asarray(image_hw[1], jnp.float32)
     return (
@@ -116,7 +124,7 @@ def _scan_chunks(anchors, inside, gt_boxes, gt_use, gt_ign, chunk, with_ignore, 
 
     def step(_, xs):
         a, a_inside = xs  # [C, 4], [C]
-        raw = box_ops.iou(a, gt_boxes)  # [C, Gw]
+        raw = box_ops.pairwise_iou(a, gt_boxes)  # [C, Gw]
         usable = a_inside[:, None] & gt_use[None, :]
         # Materialised once: every reduction below reads the same bits (a recomputed IoU in
         # another fusion may round differently and break the exact tie test).
@@ -171,13 +179,14 @@ def match(
     Args:
       anchors: ``[N, 4]`` xyxy anchors in absolute pixels.
       gt_boxes: ``[G, 4]`` xyxy ground truth, padded to a fixed G.
-      gt_valid: bool ``[G]``; False for padding. Zero-area or non-finite boxes are also
-        treated as invalid.
+      gt_valid: bool ``[G]`` (or integer, nonzero is True); False for padding. Zero-area or
+        non-finite boxes are also treated as invalid.
       high, low: IoU thresholds, ``0 <= low <= high <= 1``.
       allow_low_quality: also make each ground truth's best anchors (ties included) positive.
       low_quality_min_iou: ... only for ground truth whose best IoU is at least this
         (mmdetection's ``min_pos_iou``; 0: any overlap).
-      gt_ignore: optional bool ``[G]``: crowd / difficult boxes, dropped from matching.
+      gt_ignore: optional bool (or integer) ``[G]``: crowd / difficult boxes, dropped from
+        matching.
       ignore_iof: optional threshold in (0, 1]; background anchors whose intersection with an
         ignored box covers at least this fraction of the anchor's area become -1.
       image_hw: ``(height, width)`` of the image (may be a traced ``[2]`` array); needed with
@@ -204,12 +213,13 @@ def match(
             raise ValueError("border needs image_hw = (height, width)")
     if anchor_chunk is not None and (int(anchor_chunk) != anchor_chunk or anchor_chunk < 1):
         raise ValueError(f"anchor_chunk must be None or a positive integer, got {anchor_chunk}")
+    check_inputs(anchors, gt_boxes, gt_valid, gt_ignore, image_hw)
+    box_ops.check_boxes(anchors, name="anchors")
     anchors = jnp.asarray(anchors, jnp.float32)
     gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
     gt_valid = jnp.asarray(gt_valid).astype(bool)
     if gt_ignore is not None:
         gt_ignore = jnp.asarray(gt_ignore).astype(bool)
-    _check_inputs(anchors, gt_boxes, gt_valid, gt_ignore)
 
     num_anchors, num_gt = anchors.shape[0], gt_boxes.shape[0]
     if border is None:

@@ -2,7 +2,7 @@
 
 Boxes are ``[x1, y1, x2, y2]`` in absolute pixels, float32. The result equals exact greedy
 NMS at every threshold: boxes are visited in descending score order (ties: lower index
-first) and a box is kept unless its IoU (:func:`jax_rpn.boxes.iou`) with an already kept
+first) and a box is kept unless its IoU (:func:`jax_rpn.boxes.pairwise_iou`) with an already kept
 box is ``> iou_threshold``; visiting stops once ``max_output`` boxes are kept. IoU and the
 comparison are float32 (the threshold is rounded to float32); XLA flushes subnormal floats
 to zero, so subnormal scores tie with 0.
@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_rpn.boxes import iou
+from jax_rpn.boxes import pairwise_iou
+from jax_rpn.shape_checks import check_shape
 
 # Sorted boxes per tile, and kept boxes compared with a tile per inner step. On XLA CPU
 # (benchmarks/nms.py) 128 to 256 are equally fast for RPN-sized inputs; bigger tiles waste
@@ -38,16 +39,10 @@ _PACKED_SORT_MAX_N = 46340
 
 
 def _check_static(boxes, scores, groups, iou_threshold, max_output):
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must have shape [N, 4] (x1, y1, x2, y2), got {boxes.shape}")
-    n = boxes.shape[0]
-    if scores.shape != (n,):
-        raise ValueError(f"scores must have shape [N] = ({n},) like boxes, got {scores.shape}")
+    n = check_shape(boxes, "boxes", "[N, 4]")
+    check_shape(scores, "scores", "[N]", dtype="real", sizes=n)
     if groups is not None:
-        if groups.shape != (n,):
-            raise ValueError(f"groups must have shape [N] = ({n},) like boxes, got {groups.shape}")
-        if not jnp.issubdtype(groups.dtype, jnp.integer):
-            raise ValueError(f"groups must be integers, got dtype {groups.dtype}")
+        check_shape(groups, "groups", "[N]", dtype="int", sizes=n)
     if not isinstance(iou_threshold, numbers.Real) or not 0.0 <= iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must be a number in [0, 1], got {iou_threshold!r}")
     if (
@@ -83,7 +78,7 @@ def _descending_order(scores, valid):
 def _suppresses(boxes1, groups1, boxes2, groups2, iou_threshold):
     """bool ``[T, M]``: box i of ``boxes1 [T, 4]`` and box j of ``boxes2 [M, 4]`` overlap by
     IoU > threshold (and share a group when groups are given)."""
-    over = iou(boxes1, boxes2) > iou_threshold  # [T, M]
+    over = pairwise_iou(boxes1, boxes2) > iou_threshold  # [T, M]
     if groups1 is not None:
         over &= groups1[:, None] == groups2[None, :]
     return over
@@ -188,8 +183,8 @@ def nms(boxes: jax.Array, scores: jax.Array, *, iou_threshold: float, max_output
     Returns ``(indices [max_output] int32, num_valid int32)``: indices into ``boxes`` of the
     kept boxes in descending score order, padded with -1 after the first ``num_valid``.
     """
-    boxes, scores = jnp.asarray(boxes), jnp.asarray(scores)
     _check_static(boxes, scores, None, iou_threshold, max_output)
+    boxes, scores = jnp.asarray(boxes), jnp.asarray(scores)
     return _nms_jit(boxes, scores, None, iou_threshold=iou_threshold, max_output=max_output)
 
 
@@ -209,6 +204,6 @@ def batched_nms(
     equality (exact, unlike a coordinate offset). Returns ``(indices [max_output] int32,
     num_valid int32)`` as :func:`nms`.
     """
-    boxes, scores, groups = jnp.asarray(boxes), jnp.asarray(scores), jnp.asarray(groups)
     _check_static(boxes, scores, groups, iou_threshold, max_output)
+    boxes, scores, groups = jnp.asarray(boxes), jnp.asarray(scores), jnp.asarray(groups)
     return _nms_jit(boxes, scores, groups, iou_threshold=iou_threshold, max_output=max_output)

@@ -15,6 +15,7 @@ from jax import lax
 
 from jax_rpn import boxes as box_ops
 from jax_rpn import nms
+from jax_rpn.shape_checks import check_shape
 
 
 class Proposals(NamedTuple):
@@ -31,14 +32,28 @@ class Proposals(NamedTuple):
     num_nonfinite: jax.Array  # [] int32: anchors whose logit or decoded box is inf/NaN
 
 
-def _check_settings(
-    anchors, objectness, deltas, pre_nms_topk, post_nms_topk, nms_threshold, min_size
-):
+def _check_levels(anchors, objectness, deltas, image_hw, *, batched: bool):
+    """Per-level shapes: ``anchors[l] [Nl, 4]``, ``objectness[l] [Nl]``, ``deltas[l] [Nl, 4]``
+    and ``image_hw [2]``; with ``batched``, a leading ``B`` on all but the anchors."""
+    for name, value in (("anchors", anchors), ("objectness", objectness), ("deltas", deltas)):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(
+                f"{name} must be a list with one array per level, got {type(value).__name__}"
+            )
     if not (len(anchors) == len(objectness) == len(deltas)) or not anchors:
         raise ValueError(
             "anchors, objectness and deltas must be non-empty lists with one entry per level, "
             f"got lengths {len(anchors)}, {len(objectness)}, {len(deltas)}"
         )
+    lead = "B, " if batched else ""
+    batch = check_shape(image_hw, "image_hw", f"[{lead}2]", dtype="real")
+    for level, (a, o, d) in enumerate(zip(anchors, objectness, deltas, strict=True)):
+        sizes = check_shape(a, f"anchors[{level}]", "[Nl, 4]", sizes=batch)
+        sizes = check_shape(o, f"objectness[{level}]", f"[{lead}Nl]", dtype="real", sizes=sizes)
+        check_shape(d, f"deltas[{level}]", f"[{lead}Nl, 4]", sizes=sizes)
+
+
+def _check_settings(pre_nms_topk, post_nms_topk, nms_threshold, min_size):
     for name, value in (("pre_nms_topk", pre_nms_topk), ("post_nms_topk", post_nms_topk)):
         if int(value) != value or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value}")
@@ -46,13 +61,6 @@ def _check_settings(
         raise ValueError(f"nms_threshold must be in (0, 1], got {nms_threshold}")
     if not min_size >= 0.0:
         raise ValueError(f"min_size must be >= 0, got {min_size}")
-    for level, (a, o, d) in enumerate(zip(anchors, objectness, deltas, strict=True)):
-        n = a.shape[0]
-        if a.shape != (n, 4) or o.shape != (n,) or d.shape != (n, 4):
-            raise ValueError(
-                f"level {level}: expected anchors [N, 4], objectness [N], deltas [N, 4] with "
-                f"the same N, got {a.shape}, {o.shape}, {d.shape}"
-            )
 
 
 def generate(
@@ -91,9 +99,8 @@ def generate(
     training; results are equal whenever nothing is non-finite). Batch with ``vmap``, e.g.
     :func:`generate_batch`.
     """
-    _check_settings(
-        anchors, objectness, deltas, pre_nms_topk, post_nms_topk, nms_threshold, min_size
-    )
+    _check_levels(anchors, objectness, deltas, image_hw, batched=False)
+    _check_settings(pre_nms_topk, post_nms_topk, nms_threshold, min_size)
     cand_boxes, cand_scores, cand_levels, cand_finite = [], [], [], []
     num_nonfinite = jnp.zeros((), jnp.int32)
     for level, (anchors_l, logits_l, deltas_l) in enumerate(
@@ -153,6 +160,7 @@ def generate_batch(
     Same as ``jax.vmap(partial(generate, **settings), in_axes=(None, 0, 0, 0))``; returns
     :class:`Proposals` with a leading ``[B]`` on every field.
     """
+    _check_levels(anchors, objectness, deltas, image_hw, batched=True)
     return jax.vmap(lambda o, d, hw: generate(anchors, o, d, hw, **settings), in_axes=(0, 0, 0))(
         list(objectness), list(deltas), image_hw
     )

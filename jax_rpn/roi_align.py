@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_rpn import boxes as box_ops
+from jax_rpn.shape_checks import check_shape
 
 
 def _output_size(output_size) -> tuple[int, int]:
@@ -27,11 +28,6 @@ def _check_sampling(sampling_ratio, max_sampling_ratio):
         raise ValueError(f"sampling_ratio must be an integer, got {sampling_ratio}")
     if int(max_sampling_ratio) != max_sampling_ratio or max_sampling_ratio < 1:
         raise ValueError(f"max_sampling_ratio must be an integer >= 1, got {max_sampling_ratio}")
-
-
-def _check_boxes_shape(boxes):
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must have shape [K, 4] (x1, y1, x2, y2), got {boxes.shape}")
 
 
 def _pool(
@@ -151,9 +147,8 @@ def roi_align(
     _check_sampling(sampling_ratio, max_sampling_ratio)
     if not spatial_scale > 0:
         raise ValueError(f"spatial_scale must be > 0, got {spatial_scale}")
-    if features.ndim != 3:
-        raise ValueError(f"features must have shape [H, W, C], got {features.shape}")
-    _check_boxes_shape(boxes)
+    check_shape(features, "features", "[H, W, C]")
+    check_shape(boxes, "boxes", "[K, 4]")
     h, w, c = features.shape
     k = boxes.shape[0]
     return _pool(
@@ -189,7 +184,7 @@ def assign_levels(
         raise ValueError(f"min_level ({min_level}) must be <= max_level ({max_level})")
     if not canonical_size > 0:
         raise ValueError(f"canonical_size must be > 0, got {canonical_size}")
-    _check_boxes_shape(boxes)
+    check_shape(boxes, "boxes", "[K, 4]")
     size = jnp.sqrt(box_ops.area(boxes.astype(jnp.float32)))  # [K]
     level = jnp.floor(canonical_level + jnp.log2(size / canonical_size + 1e-8))
     level = jnp.where(jnp.isfinite(level), level, min_level)
@@ -227,13 +222,10 @@ def multilevel_roi_align(
     levels = [math.log2(s) if s > 0 else math.nan for s in strides]
     if any(not lvl.is_integer() or lvl != levels[0] + i for i, lvl in enumerate(levels)):
         raise ValueError(f"strides must be consecutive powers of two, got {tuple(strides)}")
-    channels = {f.shape[-1] for f in features}
-    if any(f.ndim != 3 for f in features) or len(channels) != 1:
-        raise ValueError(
-            "features must be [Hl, Wl, C] maps with the same C, got "
-            f"{[tuple(f.shape) for f in features]}"
-        )
-    _check_boxes_shape(boxes)
+    channels = {}  # C, bound by the first level
+    for level, f in enumerate(features):
+        channels = {"C": check_shape(f, f"features[{level}]", "[Hl, Wl, C]", sizes=channels)["C"]}
+    check_shape(boxes, "boxes", "[K, 4]")
     min_level = int(levels[0])
     level = (
         assign_levels(

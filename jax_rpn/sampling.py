@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax_rpn.shape_checks import check_shape
+
 
 def check_sampling(num_samples: int, positive_fraction: float) -> None:
     """Raise ValueError unless ``num_samples`` is a positive int and the fraction in [0, 1]."""
@@ -28,6 +30,19 @@ def check_sampling(num_samples: int, positive_fraction: float) -> None:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
     if not 0.0 <= positive_fraction <= 1.0:
         raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
+
+
+def check_key(key, *, name: str = "key") -> None:
+    """Raise ValueError unless ``key`` is one PRNG key: a typed key ``[]`` (``jax.random.key``)
+    or a raw uint32 key ``[K]`` (``jax.random.PRNGKey``)."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        check_shape(key, f"{name} (a typed PRNG key)", "[]")
+    elif dtype == jnp.uint32:
+        check_shape(key, f"{name} (a raw uint32 PRNG key)", "[K]")
+    else:
+        got = f"dtype {dtype}" if dtype is not None else type(key).__name__
+        raise ValueError(f"{name} must be a PRNG key (jax.random.key or PRNGKey), got {got}")
 
 
 _TOP = 2**31  # priorities are in [0, _TOP)
@@ -106,15 +121,16 @@ def _select_top(priority, candidate, k):
 def sample_labels(
     key: jax.Array, labels: jax.Array, *, num_samples: int = 256, positive_fraction: float = 0.5
 ) -> jax.Array:
-    """Subsample ``labels [N]`` (1 positive, 0 negative, other values ignored) -> int32 ``[N]``.
+    """Subsample integer ``labels [N]`` (1 positive, 0 negative, other values ignored)
+    -> int32 ``[N]``.
 
     Returns 1 for sampled positives, 0 for sampled negatives and -1 for everything else.
-    Labels other than 0 and 1 are never sampled. Deterministic for a given ``key``.
+    Labels other than 0 and 1 are never sampled. Deterministic for a given ``key`` (one key).
     """
     check_sampling(num_samples, positive_fraction)
+    check_key(key)
+    check_shape(labels, "labels", "[N]", dtype="int")
     labels = jnp.asarray(labels)
-    if labels.ndim != 1:
-        raise ValueError(f"labels must have shape [N], got {labels.shape}")
     max_pos = int(num_samples * positive_fraction)  # truncated, as detectron2
     positive = labels == 1  # [N]
     negative = labels == 0  # [N]

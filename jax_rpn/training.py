@@ -4,9 +4,11 @@ The per-device ``train_step`` and ``eval_step`` are wrapped for all devices in o
 :func:`jax_rpn.parallel.parallelize` (``config.parallelism``: ``shard_map`` or ``pmap``).
 """
 
+import contextlib
 import functools
-import json
 import os
+import shutil
+import sys
 import time
 from typing import Any
 
@@ -20,12 +22,22 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from jax_rpn import config_checks, evaluation, inference, parallel, viz
+from jax_rpn import checkpoints as checkpoints_lib
+from jax_rpn import config_checks, inference, parallel, recall, viz
+from jax_rpn import workdir as workdir_lib
 from jax_rpn.cascade_objective import cascade_objective
 from jax_rpn.data import pipeline
+from jax_rpn.data.augment import denormalize
 from jax_rpn.models import build_rpn, init_variables
+from jax_rpn.objective import rpn_objective
 from jax_rpn.optim import create_optimizer
-from jax_rpn.rpn_loss import rpn_loss
+from jax_rpn.settings import (
+    CascadeSettings,
+    LossSettings,
+    PixelSettings,
+    ProposalSettings,
+    TargetSettings,
+)
 
 
 @flax.struct.dataclass
@@ -69,7 +81,15 @@ def make_train_step(config, model, tx, schedule):
     unchanged and reports ``finite = 0`` (the loop then stops with a message).
     """
     mutable = list(model_state_collections(config))
-    objective = cascade_objective if config.model.head == "cascade" else rpn_loss
+    settings = {
+        "targets_settings": TargetSettings.from_config(config),
+        "loss_settings": LossSettings.from_config(config),
+    }
+    if config.model.head == "cascade":
+        settings["cascade_settings"] = CascadeSettings.from_config(config)
+        objective = functools.partial(cascade_objective, **settings)
+    else:
+        objective = functools.partial(rpn_objective, **settings)
 
     def train_step(state, batch):
         keys = _image_keys(state.key, state.step, batch["image"].shape[0])
@@ -83,7 +103,7 @@ def make_train_step(config, model, tx, schedule):
                 image_hw=batch["image_hw"],
                 mutable=mutable,
             )
-            loss, metrics = objective(outputs, batch, keys, config=config)
+            loss, metrics = objective(outputs, batch, keys)
             return loss, (metrics, new_model_state)
 
         (_, (metrics, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -117,14 +137,15 @@ def make_eval_step(config, model):
     The recall record is summed over the whole global batch on device (``psum``), so one
     small record per batch comes back, the same on every host.
     """
+    settings = ProposalSettings.from_config(config, train=False)
 
     def eval_step(state, batch):
         variables = {"params": state.params, **state.model_state}
         props = inference.proposals_from_images(
-            model, variables, batch["image"], batch["image_hw"], config=config
+            model, variables, batch["image"], batch["image_hw"], settings=settings
         )
         valid = props.valid & batch["example_valid"][:, None]  # [b, K]
-        stats = jax.vmap(evaluation.recall_stats)(
+        stats = jax.vmap(recall.recall_stats)(
             props.boxes, props.scores, valid, batch["boxes"], batch["valid"], batch["ignore"]
         )
         stats = stats._replace(num_images=batch["example_valid"].astype(jnp.int32))
@@ -141,17 +162,21 @@ def model_state_collections(config) -> tuple[str, ...]:
 
 
 class Trainer:
-    """Builds the model, optimizer, steps, data and checkpoints for one config and workdir."""
+    """Builds the model, optimizer, steps, data and checkpoints for one config and workdir.
+
+    Building touches no file: the workdir is created (and the config stored) when
+    :meth:`train` starts, so a run rejected while building leaves nothing behind.
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-        config_checks.validate(config)
         self.config = config
         self.workdir = os.path.abspath(workdir)
-        os.makedirs(self.workdir, exist_ok=True)
+        self.lead = jax.process_index() == 0
         self.mode = config.parallelism
         self.mesh = parallel.data_mesh()
         self.model = build_rpn(config, axis_name=parallel.AXIS)
         self.tx, self.schedule = create_optimizer(config.optim, config.num_train_steps)
+        self.train_iter = pipeline.create_train_iterator(config)
         self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         self.state = jax.device_put(
             create_train_state(config, build_rpn(config), self.tx, jax.random.PRNGKey(config.seed)),
@@ -160,25 +185,37 @@ class Trainer:
         train_step = make_train_step(config, self.model, self.tx, self.schedule)
         eval_step = make_eval_step(config, self.model)
         self.p_train_step = parallel.parallelize(
-            train_step, mode=self.mode, mesh=self.mesh, replicated_out=(True, True)
+            train_step, mode=self.mode, mesh=self.mesh, donate_state=True
         )
         self.p_eval_step = parallel.parallelize(
             eval_step, mode=self.mode, mesh=self.mesh, replicated_out=(False, True)
         )
-        self.train_iter = pipeline.create_train_iterator(config)
-        self.checkpoints = ocp.CheckpointManager(
-            os.path.join(self.workdir, "checkpoints"),
-            item_names=("state", "data"),
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=config.keep_checkpoints, create=True, enable_async_checkpointing=False
-            ),
-        )
+        self._checkpoints = None
 
     # Checkpoints -------------------------------------------------------------------------
 
+    @property
+    def checkpoints(self) -> ocp.CheckpointManager:
+        if self._checkpoints is None:
+            self._checkpoints = ocp.CheckpointManager(
+                os.path.join(self.workdir, checkpoints_lib.CHECKPOINTS_DIR),
+                item_names=("state", "data"),
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=self.config.keep_checkpoints,
+                    create=True,
+                    enable_async_checkpointing=False,
+                ),
+            )
+        return self._checkpoints
+
+    def latest_step(self) -> int | None:
+        """The step of the workdir's latest checkpoint, or None (reads without creating)."""
+        path = os.path.join(self.workdir, checkpoints_lib.CHECKPOINTS_DIR)
+        return self.checkpoints.latest_step() if os.path.isdir(path) else None
+
     def restore(self) -> bool:
         """Resume from the latest checkpoint in the workdir; False if there is none."""
-        step = self.checkpoints.latest_step()
+        step = self.latest_step()
         if step is None:
             return False
         restored = self.checkpoints.restore(
@@ -208,7 +245,7 @@ class Trainer:
     def evaluate(self, *, writer=None, step: int | None = None) -> dict[str, float]:
         """Proposal recall on the eval split; writes pictures and curves into the workdir."""
         config = self.config
-        acc = evaluation.RecallAccumulator()
+        acc = recall.RecallAccumulator()
         vis, nonfinite = None, 0
         batches = tqdm(
             pipeline.create_eval_iterator(config),
@@ -216,7 +253,7 @@ class Trainer:
             desc="eval",
             unit="batch",
             leave=False,
-            disable=jax.process_index() != 0,
+            disable=not (self.lead and _interactive()),
         )
         for batch in batches:
             props, (stats, bad) = self.p_eval_step(
@@ -229,9 +266,27 @@ class Trainer:
                 vis = (batch, jax.tree.map(unshard, props))
         result = acc.result()
         result["nonfinite_proposals"] = nonfinite
-        if jax.process_index() == 0:
-            step = int(self.state.step) if step is None else step
+        step = int(self.state.step) if step is None else step
+        if self.lead:
             self._write_eval_pictures(acc, vis, step, writer)
+            if nonfinite:
+                num = result["num_images"] * config.proposals.post_nms_topk_test
+                _warn(
+                    f"step {step}: {nonfinite} anchors of {result['num_images']} eval images "
+                    f"gave non-finite scores or boxes ({num} proposal slots): the model is "
+                    f"diverging. {_LIKELY_CAUSES(config)}"
+                )
+        return result
+
+    def evaluate_and_record(self) -> dict[str, float]:
+        """Evaluate the current state, print the recall table and record it in
+        ``metrics.jsonl`` (replacing an earlier evaluation of the same step)."""
+        step = int(self.state.step)
+        result = self.evaluate(step=step)
+        if self.lead:
+            log = workdir_lib.MetricsLog(os.path.join(self.workdir, "metrics.jsonl"))
+            log.write(step, "eval", result)
+            print(recall.format_recall_table(result, title=f"Recall at step {step}"))
         return result
 
     def _write_eval_pictures(self, acc, vis, step, writer):
@@ -246,8 +301,9 @@ class Trainer:
         if vis is not None:
             batch, props = vis
             n = min(self.config.num_vis_images, len(batch["image"]))
+            pixels = PixelSettings.from_config(self.config)
             grid = viz.plot_proposal_grid(
-                batch["image"][:n],
+                denormalize(batch["image"][:n], pixels),
                 batch["boxes"][:n],
                 batch["valid"][:n],
                 props.boxes[:n],
@@ -262,19 +318,49 @@ class Trainer:
 
     # Training ----------------------------------------------------------------------------
 
-    def train(self) -> dict[str, float]:
-        """Train to ``config.num_train_steps`` (resuming if possible); returns final recall."""
+    def train(self, *, restart: bool = False, changes=()) -> dict[str, float]:
+        """Train to ``config.num_train_steps`` (resuming if possible); returns final recall.
+
+        ``restart`` first removes a previous run's files from the workdir; ``changes`` (from
+        :func:`jax_rpn.workdir.prepare`) are announced. A finished run prints its stored final
+        recall and returns it without evaluating again.
+        """
         from tensorboardX import SummaryWriter
 
         config = self.config
+        if restart and self.lead:
+            removed = workdir_lib.clear(self.workdir)
+            if removed:
+                print(f"Starting over in {self.workdir}: removed {', '.join(removed)}", flush=True)
+        if self.lead:
+            os.makedirs(self.workdir, exist_ok=True)
+            checkpoints_lib.write_config(self.workdir, config)
+        log = workdir_lib.MetricsLog(os.path.join(self.workdir, "metrics.jsonl"))
         resumed = self.restore()
         start = int(self.state.step)
-        lead = jax.process_index() == 0
-        writer = SummaryWriter(os.path.join(self.workdir, "tensorboard")) if lead else None
-        metrics_file = open(os.path.join(self.workdir, "metrics.jsonl"), "a") if lead else None
-        if resumed and lead:
-            print(f"Resumed from checkpoint at step {start} in {self.workdir}", flush=True)
-        if lead:
+        log.truncate(start)
+        if start > config.num_train_steps:
+            raise ValueError(
+                f"{self.workdir} has a checkpoint at step {start}, past "
+                f"config.num_train_steps={config.num_train_steps}: evaluate it with --mode eval, "
+                "or train longer"
+            )
+        final = log.find(start, "eval")
+        if start == config.num_train_steps and final is not None:
+            result = {k: v for k, v in final.items() if k not in ("step", "split")}
+            if self.lead:
+                print(
+                    f"The run in {self.workdir} is complete (step {start} of {start}); its final "
+                    "recall, from metrics.jsonl (--mode eval evaluates again; a larger "
+                    "--config.num_train_steps trains on):"
+                )
+                print(recall.format_recall_table(result, title=f"Recall at step {start}"))
+            return result
+        if self.lead:
+            for field, old, new in changes:
+                print(f"Changed on resume: {field} {old!r} -> {new!r}", flush=True)
+            if resumed:
+                print(f"Resumed from checkpoint at step {start} in {self.workdir}", flush=True)
             devices = jax.devices()
             print(
                 f"Training on {len(devices)} {devices[0].platform} device(s) in "
@@ -282,37 +368,50 @@ class Trainer:
                 f"{config.batch_size // len(devices)} images per device",
                 flush=True,
             )
-        bar = tqdm(
-            total=config.num_train_steps,
-            initial=start,
-            disable=not lead,
-            desc="train",
-            unit="step",
-            dynamic_ncols=True,
-        )
-        pending = None  # metrics of the previous step, read one step late to keep the
-        history = []  # device busy
-        t0, steps_timed = time.perf_counter(), 0
-        try:
+        with contextlib.ExitStack() as stack:
+            writer = None
+            if self.lead:
+                writer = stack.enter_context(
+                    SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+                )
+            bar = stack.enter_context(
+                tqdm(
+                    total=config.num_train_steps,
+                    initial=start,
+                    disable=not (self.lead and _interactive()),
+                    desc="train",
+                    unit="step",
+                    dynamic_ncols=True,
+                )
+            )
+            monitor = _DivergenceMonitor(config)
+            pending = None  # the previous step's metrics, read one step late (device busy)
+            history = []
+            t0, steps_timed = time.perf_counter(), 0
             for step in range(start + 1, config.num_train_steps + 1):
                 batch = parallel.shard_batch(next(self.train_iter), mode=self.mode, mesh=self.mesh)
-                self.state, metrics = self.p_train_step(self.state, batch)
+                if step == start + 1:
+                    self.state, metrics = self._first_step(batch, bar)
+                    t0 = time.perf_counter()
+                else:
+                    self.state, metrics = self.p_train_step(self.state, batch)
+                    steps_timed += 1
                 if pending is not None:
                     history.append(self._check(*pending))
                 pending = (step, metrics)
-                steps_timed += 1
                 bar.update(1)
                 last = step == config.num_train_steps
                 if step % config.log_every == 0 or last:
                     history.append(self._check(*pending))
                     pending = None
-                    rate = steps_timed / (time.perf_counter() - t0)
                     summary = _mean_metrics(history)
-                    summary["steps_per_sec"] = rate
+                    if steps_timed:
+                        summary["steps_per_sec"] = steps_timed / (time.perf_counter() - t0)
                     history, t0, steps_timed = [], time.perf_counter(), 0
-                    bar.set_postfix(loss=f"{summary['loss']:.4f}", steps_s=f"{rate:.2f}")
-                    if lead:
-                        _write_metrics(writer, metrics_file, step, summary, prefix="train")
+                    if self.lead:
+                        monitor.update(step, summary)
+                        _log_train(bar, step, config.num_train_steps, summary)
+                        _write_metrics(writer, log, step, summary, prefix="train")
                 if step % config.checkpoint_every == 0 or last:
                     if pending is not None:
                         history.append(self._check(*pending))
@@ -320,20 +419,29 @@ class Trainer:
                     self.save()
                 if step % config.eval_every == 0 and not last:
                     result = self.evaluate(writer=writer, step=step)
-                    if lead:
-                        _write_metrics(writer, metrics_file, step, result, prefix="eval")
-                        bar.write(f"step {step}: " + _short_recall(result))
+                    if self.lead:
+                        _write_metrics(writer, log, step, result, prefix="eval")
+                        bar.write(f"step {step}: " + recall.short_recall(result))
             bar.close()
             result = self.evaluate(writer=writer)
-            if lead:
-                _write_metrics(writer, metrics_file, int(self.state.step), result, prefix="eval")
-                print(format_recall_table(result, title=f"Recall at step {int(self.state.step)}"))
+            if self.lead:
+                step = int(self.state.step)
+                _write_metrics(writer, log, step, result, prefix="eval")
+                print(recall.format_recall_table(result, title=f"Recall at step {step}"))
             return result
-        finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
-                metrics_file.close()
+
+    def _first_step(self, batch, bar):
+        """The first step of a run, which compiles the train step: timed and announced."""
+        message = "Compiling the train step ..."
+        if self.lead:
+            bar.write(message) if _interactive() else print(message, flush=True)
+        t = time.perf_counter()
+        state, metrics = self.p_train_step(self.state, batch)
+        jax.block_until_ready(metrics)
+        if self.lead:
+            done = f"Compiled and ran the first step in {time.perf_counter() - t:.1f} s"
+            bar.write(done) if _interactive() else print(done, flush=True)
+        return state, metrics
 
     def _check(self, step, metrics):
         metrics = jax.device_get(metrics)
@@ -341,34 +449,76 @@ class Trainer:
             raise FloatingPointError(
                 f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}); "
                 f"training stopped, the last good checkpoint in {self.workdir} is kept. "
-                "Lower optim.learning_rate or set optim.grad_clip_norm."
+                f"{_LIKELY_CAUSES(self.config)}"
             )
         return {k: float(v) for k, v in metrics.items()}
+
+
+def _interactive() -> bool:
+    """Progress bars only on a terminal (tqdm writes to stderr); plain lines otherwise."""
+    return sys.stderr.isatty()
+
+
+def _warn(message: str) -> None:
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def _LIKELY_CAUSES(config) -> str:  # noqa: N802 (reads as a phrase)
+    causes = [f"the learning rate (optim.learning_rate={config.optim.learning_rate})"]
+    if config.model.norm == "frozen_bn":
+        causes.append("frozen BN without pretrained weights (model.norm=frozen_bn)")
+    if config.model.dtype != "float32":
+        causes.append(f"a {config.model.dtype} overflow (model.dtype)")
+    return "Likely causes: " + "; ".join(causes) + "."
+
+
+class _DivergenceMonitor:
+    """Warns once when the logged loss or gradient norm grows 100x over its lowest value."""
+
+    FACTOR = 100.0
+
+    def __init__(self, config):
+        self.config = config
+        self.lowest: dict[str, float] = {}
+        self.warned = False
+
+    def update(self, step: int, summary: dict) -> None:
+        for key in ("loss", "grad_norm"):
+            value = summary.get(key)
+            if value is None:
+                continue
+            low = self.lowest.get(key)
+            if low is not None and value > self.FACTOR * max(low, 1e-8) and not self.warned:
+                self.warned = True
+                _warn(
+                    f"step {step}: {key} {value:.4g} is over {self.FACTOR:g}x its lowest logged "
+                    f"value {low:.4g}: the run is diverging. {_LIKELY_CAUSES(self.config)}"
+                )
+            self.lowest[key] = value if low is None else min(low, value)
+
+
+def _log_train(bar, step, total, summary):
+    """The logged training metrics: on the bar on a terminal, as a plain line otherwise."""
+    rate = summary.get("steps_per_sec")
+    if _interactive():
+        postfix = {"loss": f"{summary['loss']:.4f}"}
+        if rate:
+            postfix["steps_s"] = f"{rate:.2f}"
+        bar.set_postfix(postfix)
+    else:
+        speed = f", {rate:.2f} steps/s" if rate else ""
+        print(f"step {step}/{total}: loss {summary['loss']:.4f}{speed}", flush=True)
 
 
 def _mean_metrics(history):
     return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
 
 
-def _write_metrics(writer, metrics_file, step, metrics, *, prefix):
+def _write_metrics(writer, log, step, metrics, *, prefix):
     for k, v in metrics.items():
         writer.add_scalar(f"{prefix}/{k.replace('@', '_')}", v, step)
     writer.flush()
-    metrics_file.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
-    metrics_file.flush()
-
-
-def _short_recall(result):
-    keys = ("AR@100", "AR@1000", "recall@0.5@100", "recall@0.7@100")
-    return ", ".join(f"{k} {result[k]:.3f}" for k in keys if k in result)
-
-
-def format_recall_table(result: dict[str, float], *, title: str = "Recall") -> str:
-    """The recall metrics as a fixed-width text table."""
-    width = max(len(k) for k in result)
-    lines = [title, "-" * (width + 10)]
-    lines += [f"{k:<{width}}  {v:8.4f}" for k, v in result.items()]
-    return "\n".join(lines)
+    log.write(step, prefix, metrics)
 
 
 def set_up_compilation_cache(workdir: str) -> None:
@@ -380,19 +530,52 @@ def set_up_compilation_cache(workdir: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Train (resuming from ``workdir`` if it holds a checkpoint), then report recall."""
-    set_up_compilation_cache(workdir)
-    return Trainer(config, workdir).train()
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, restart: bool = False
+) -> dict[str, float]:
+    """Train (resuming from ``workdir`` if it holds a checkpoint), then report recall.
+
+    ``restart`` starts over in a workdir whose config differs in fields that cannot change on
+    resume (:mod:`jax_rpn.workdir`). See :func:`setup_training` for what is checked first.
+    """
+    trainer, changes = setup_training(config, workdir, restart=restart)
+    return trainer.train(restart=restart, changes=changes)
+
+
+def setup_training(config, workdir: str, *, restart: bool = False):
+    """Check ``config`` and the workdir and build the :class:`Trainer` -> ``(trainer,
+    resumable changes)``. Raises ValueError / FileNotFoundError with a readable message (bad
+    config, config changed, dataset not prepared) and then leaves no new workdir behind."""
+    config_checks.validate(config)
+    changes = workdir_lib.prepare(config, workdir, restart=restart)
+    existed = os.path.isdir(workdir)
+    try:
+        set_up_compilation_cache(workdir)
+        return Trainer(config, workdir), changes
+    except BaseException:
+        if not existed:
+            shutil.rmtree(workdir, ignore_errors=True)  # e.g. the compilation cache
+        raise
+
+
+def setup_evaluation(config: ml_collections.ConfigDict, workdir: str) -> Trainer:
+    """A :class:`Trainer` restored from ``workdir``'s latest checkpoint, for evaluation.
+
+    Raises FileNotFoundError (no checkpoint; nothing is created) or the errors of
+    :func:`setup_training` (a config that changes the model, anchors, ... of the workdir's).
+    """
+    missing = FileNotFoundError(
+        f"no checkpoint in {os.path.join(workdir, checkpoints_lib.CHECKPOINTS_DIR)}: train "
+        "first, or point --workdir at a training workdir"
+    )
+    if not os.path.isdir(os.path.join(workdir, checkpoints_lib.CHECKPOINTS_DIR)):
+        raise missing
+    trainer, _ = setup_training(config, workdir)
+    if not trainer.restore():
+        raise missing
+    return trainer
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Evaluate the latest checkpoint in ``workdir`` and print the recall table."""
-    set_up_compilation_cache(workdir)
-    trainer = Trainer(config, workdir)
-    if not trainer.restore():
-        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
-    result = trainer.evaluate()
-    if jax.process_index() == 0:
-        print(format_recall_table(result, title=f"Recall at step {int(trainer.state.step)}"))
-    return result
+    """Evaluate the latest checkpoint in ``workdir`` (:meth:`Trainer.evaluate_and_record`)."""
+    return setup_evaluation(config, workdir).evaluate_and_record()

@@ -1,4 +1,5 @@
-"""Pictures with matplotlib: cell anchors, anchor centres, sampled anchors, proposals, recall.
+"""Pictures with matplotlib: cell anchors, anchor centres, sampled anchors, proposals, recall,
+anchor coverage.
 
 Boxes are ``[x1, y1, x2, y2]`` in absolute pixels; images ``[H, W, C]`` (C = 1 or 3), uint8 or
 float. Float images are shown after undoing ``mean`` / ``std`` when given, then rescaled by
@@ -13,14 +14,16 @@ given, also writes it there as a PNG. Figures are drawn with the Agg canvas and 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+from matplotlib.patches import Patch, Rectangle
 
 from jax_rpn import anchors as anchor_ops
+from jax_rpn import files
 
 GT_COLOR = "cyan"
 POSITIVE_COLOR = "tab:green"
 NEGATIVE_COLOR = "tab:red"
 PROPOSAL_COLOR = "orange"
+SCORED = 5  # proposals labelled with their score in proposal pictures
 
 
 def new_figure(nrows=1, ncols=1, *, size=(6.0, 6.0)):
@@ -41,7 +44,8 @@ def save_figure(fig, path):
     """Tight layout, then write ``fig`` as PNG to ``path`` (None: don't write); returns ``fig``."""
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, format="png")
+        with files.atomic_path(str(path)) as tmp:
+            fig.savefig(tmp, format="png")
     return fig
 
 
@@ -203,14 +207,42 @@ def plot_sampled_anchors(
 
 
 def _draw_proposals(ax, image, gt_boxes, gt_valid, proposals, scores, valid, *, top, mean, std):
+    """GT (cyan, thick) and the ``top`` valid proposals (orange); the best few are labelled
+    with their score as a probability, sigmoid(logit)."""
     _show(ax, image, mean, std)
     scores = np.where(np.asarray(valid, bool), np.asarray(scores, np.float32), -np.inf)
     order = np.argsort(-scores, kind="stable")[:top]
     order = order[np.isfinite(scores[order])]
-    _draw_boxes(ax, np.asarray(proposals)[order], color=PROPOSAL_COLOR, linewidth=1.0, alpha=0.8)
+    boxes = np.asarray(proposals, np.float32)[order]
+    _draw_boxes(ax, boxes, color=PROPOSAL_COLOR, linewidth=1.0, alpha=0.8)
+    for (x1, y1, _, _), logit in zip(boxes[:SCORED], scores[order][:SCORED], strict=False):
+        ax.text(
+            x1,
+            y1,
+            f"{1.0 / (1.0 + np.exp(-logit)):.2f}",
+            color="black",
+            fontsize="xx-small",
+            va="bottom",
+            bbox={"facecolor": PROPOSAL_COLOR, "alpha": 0.8, "pad": 0.5, "linewidth": 0},
+        )
     gt = np.asarray(gt_boxes)[np.asarray(gt_valid, bool)]
     _draw_boxes(ax, gt, color=GT_COLOR, linewidth=2.0)
-    ax.set_title(f"{len(gt)} GT (cyan), top {len(order)} proposals", fontsize="small")
+    ax.legend(
+        handles=[
+            Patch(edgecolor=GT_COLOR, facecolor="none", linewidth=2.0, label=f"{len(gt)} GT"),
+            Patch(
+                edgecolor=PROPOSAL_COLOR,
+                facecolor="none",
+                label=f"top {len(order)} proposals (best {min(SCORED, len(order))} scored)",
+            ),
+        ],
+        loc="upper right",
+        fontsize="xx-small",
+        framealpha=0.7,
+    )
+    ax.set_title(
+        f"{len(gt)} GT (cyan), top {len(order)} proposals (orange) with scores", fontsize="small"
+    )
 
 
 def plot_proposals(
@@ -274,7 +306,7 @@ def plot_proposal_grid(
 
 def plot_recall_curves(curves: dict, path=None) -> Figure:
     """Recall vs IoU and recall vs number of proposals, from
-    :meth:`jax_rpn.evaluation.RecallAccumulator.curves`.
+    :meth:`jax_rpn.recall.RecallAccumulator.curves`.
     """
     fig, axes = new_figure(1, 2, size=(5.0, 4.0))
     ax_iou, ax_num = axes[0]
@@ -294,4 +326,106 @@ def plot_recall_curves(curves: dict, path=None) -> Figure:
     )
     ax_num.legend(fontsize="small")
     ax_num.grid(alpha=0.3, which="both")
+    return save_figure(fig, path)
+
+
+# Anchor coverage (jax_rpn.coverage): the three categories of a box's best anchor IoU.
+COVERAGE_STYLE = (
+    ("high", "tab:green", "IoU >= high"),
+    ("low_quality_only", "tab:orange", "low-quality only"),
+    ("none", "tab:red", "uncovered"),
+)
+
+
+def _draw_best_iou(ax, best_ious: dict, *, high, low):
+    bins = np.linspace(0, 1, 41)
+    for name, best in best_ious.items():
+        ax.hist(best, bins=bins, histtype="step", lw=2, label=f"{name} ({len(best)} boxes)")
+    ax.axvline(high, color="k", ls="--", lw=1, label=f"high {high}")
+    ax.axvline(low, color="0.5", ls=":", lw=1, label=f"low {low}")
+    ax.set(xlabel="best IoU of a box with any anchor", ylabel="boxes", title="best anchor IoU")
+    ax.legend(fontsize="small")
+
+
+# What a coverage bar chart bins by: summary key -> (title words, x label).
+_COVERAGE_BINS = {"sizes": ("size", "sqrt(area) (px)"), "ratios": ("aspect ratio", "h / w")}
+
+
+def _draw_coverage_bars(ax, summary, *, by, name):
+    rows = summary[by]
+    what, xlabel = _COVERAGE_BINS[by]
+    x = np.arange(len(rows))
+    bottom = np.zeros(len(rows))
+    for key, color, label in COVERAGE_STYLE:
+        v = np.array([r[key] for r in rows])
+        ax.bar(x, v, bottom=bottom, color=color, label=label)
+        bottom += v
+    for i, r in enumerate(rows):
+        ax.text(i, 1.01, str(r["boxes"]), ha="center", va="bottom", fontsize="x-small")  # count
+    ax.set_xticks(x, [r["bin"] for r in rows], rotation=30, ha="right", fontsize="small")
+    title = f"coverage by {what} ({name} anchors)"
+    ax.set(ylim=(0, 1.25), ylabel="fraction of boxes", xlabel=xlabel, title=title)
+    ax.legend(fontsize="small", loc="upper center", ncol=3)
+
+
+def _draw_coverage_comparison(ax, current, suggested, *, high):
+    rows = [("all", current["overall"], suggested["overall"])]
+    rows += [(r["bin"], r, s) for r, s in zip(current["sizes"], suggested["sizes"], strict=True)]
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["high"] for _, r, _ in rows], 0.4, label="current", color="tab:blue")
+    ax.bar(x + 0.2, [s["high"] for _, _, s in rows], 0.4, label="suggested", color="tab:purple")
+    ax.set_xticks(x, [n for n, _, _ in rows], rotation=30, ha="right", fontsize="small")
+    ax.set(
+        ylim=(0, 1.05),
+        ylabel=f"fraction with best IoU >= {high}",
+        xlabel="sqrt(area) bin (px)",
+        title="current vs suggested anchors",
+    )
+    ax.legend(fontsize="small")
+
+
+def plot_best_iou(best_ious: dict, path=None, *, high, low) -> Figure:
+    """Histogram of each box's best anchor IoU: ``best_ious`` maps a name ("current",
+    "suggested") to float ``[M]``; the matcher's ``high`` and ``low`` thresholds are marked."""
+    fig, axes = new_figure(size=(7.0, 4.5))
+    _draw_best_iou(axes[0, 0], best_ious, high=high, low=low)
+    return save_figure(fig, path)
+
+
+def plot_coverage_bars(summary: dict, path=None, *, by: str, name: str = "current") -> Figure:
+    """Stacked bars of the :data:`COVERAGE_STYLE` fractions per bin, box counts on top.
+
+    ``summary``: :func:`jax_rpn.coverage.analysis.summarize`'s result; ``by``: ``"sizes"``
+    (sqrt(area) bins) or ``"ratios"`` (aspect-ratio bins); ``name`` of the anchors, for the title.
+    """
+    if by not in _COVERAGE_BINS:
+        raise ValueError(f"by must be one of {tuple(_COVERAGE_BINS)}, got {by!r}")
+    fig, axes = new_figure(size=(7.0, 4.5))
+    _draw_coverage_bars(axes[0, 0], summary, by=by, name=name)
+    return save_figure(fig, path)
+
+
+def plot_coverage_comparison(current: dict, suggested: dict, path=None, *, high) -> Figure:
+    """Fraction of boxes with best IoU ``>= high``, overall and per size bin, for two summaries
+    (:func:`jax_rpn.coverage.analysis.summarize`) binned by the same size edges."""
+    fig, axes = new_figure(size=(7.0, 4.5))
+    _draw_coverage_comparison(axes[0, 0], current, suggested, high=high)
+    return save_figure(fig, path)
+
+
+def plot_coverage(
+    best_ious: dict, current: dict, suggested: dict | None, path=None, *, high, low, title
+) -> Figure:
+    """The four coverage panels in one figure: :func:`plot_best_iou`, :func:`plot_coverage_bars`
+    by size and by aspect ratio of ``current``, and :func:`plot_coverage_comparison` (left empty
+    when ``suggested`` is None)."""
+    fig, axes = new_figure(2, 2, size=(6.0, 4.2))
+    _draw_best_iou(axes[0, 0], best_ious, high=high, low=low)
+    _draw_coverage_bars(axes[0, 1], current, by="sizes", name="current")
+    _draw_coverage_bars(axes[1, 0], current, by="ratios", name="current")
+    if suggested is not None:
+        _draw_coverage_comparison(axes[1, 1], current, suggested, high=high)
+    else:
+        axes[1, 1].set_axis_off()
+    fig.suptitle(title)
     return save_figure(fig, path)

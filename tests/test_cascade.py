@@ -29,6 +29,7 @@ from jax_rpn.models.adaptive_conv import (
 )
 from jax_rpn.models.cascade_head import CascadeHead, CascadeRPNOutput
 from jax_rpn.optim import create_optimizer
+from jax_rpn.settings import CascadeSettings, LossSettings, ProposalSettings, TargetSettings
 
 # ---------------------------------------------------------------------------------------------
 # Adaptive convolution
@@ -315,6 +316,16 @@ def test_region_assign_matches_mmdetection_loop():
 # Both stages' targets and the objective
 
 
+def _objective(config):
+    """cascade_objective with the settings of ``config``."""
+    return functools.partial(
+        cascade_objective,
+        targets_settings=TargetSettings.from_config(config),
+        loss_settings=LossSettings.from_config(config),
+        cascade_settings=CascadeSettings.from_config(config),
+    )
+
+
 def _hand_example():
     """One level, stride 8, a 4x4 map (32x32 image), 16 px anchors centred on (8 j, 8 i)."""
     anchors = [_grid((4, 4), 8, 16)]
@@ -344,7 +355,7 @@ def test_cascade_targets_hand_computed():
     np.testing.assert_allclose(t.stage1_targets[10], [-2.5, -2.5, 0, 0], atol=1e-6)
     np.testing.assert_allclose(t.stage1_targets[0], 0.0)
     # Stage 2 on the refined anchors, IoU >= 0.7 positive, < 0.7 negative; 32 samples take all.
-    ious = np.asarray(box_ops.iou(jnp.asarray(refined), jnp.asarray(gt[:1])))[:, 0]
+    ious = np.asarray(box_ops.pairwise_iou(jnp.asarray(refined), jnp.asarray(gt[:1])))[:, 0]
     want2 = (ious >= 0.7).astype(int)
     np.testing.assert_array_equal(np.flatnonzero(want2), [5, 6])
     np.testing.assert_array_equal(t.stage2_labels, want2)
@@ -407,9 +418,9 @@ def test_cascade_objective_hand_computed():
         "boxes": gt[None],
         "valid": np.array([[True, False]]),
         "ignore": np.zeros((1, 2), bool),
+        "image_hw": np.array([[32, 32]], np.int32),
     }
-    config = _cascade_test_config()
-    objective = jax.jit(lambda o, b: cascade_objective(o, b, jax.random.key(0), config=config))
+    objective = jax.jit(lambda o, b: _objective(_cascade_test_config())(o, b, jax.random.key(0)))
     loss, m = objective(_outputs(anchors, refined), batch)
     # Stage 1, zero deltas: the 4 positive anchors are themselves, each IoU 12 * 12 /
     # (2 * 256 - 144) with the box; sum of (1 - IoU) over B * N / 200 = 16 / 200.
@@ -484,9 +495,10 @@ def test_model_outputs_and_proposals_from_refined_anchors(tiny_model):
     )
     np.testing.assert_allclose(out.refined_anchors[0][1], want, rtol=1e-6)
     # Proposals are stage 2's deltas decoded against the refined anchors (coder 20, 20, 10, 10).
-    props = jax.jit(functools.partial(inference.proposals_from_outputs, config=config))(
-        out, image_hw
-    )
+    settings = ProposalSettings.from_config(config, train=False)
+    props = jax.jit(
+        functools.partial(inference.proposals_from_outputs, settings=settings, objectness="sigmoid")
+    )(out, image_hw)
     flat_refined = jnp.concatenate(out.refined_anchors, 1)
     flat_deltas = jnp.concatenate([d.reshape(2, -1, 4) for d in out.deltas], 1)
     flat_logits = jnp.concatenate([o.reshape(2, -1) for o in out.objectness], 1)
@@ -524,7 +536,7 @@ def test_gradients_finite_for_degenerate_refined_anchors():
             out = CascadeRPNOutput(
                 objectness, deltas, tuple(anchors), s1, refined, tuple(features), strides
             )
-            loss, metrics = cascade_objective(out, batch, jax.random.key(0), config=config)
+            loss, metrics = _objective(config)(out, batch, jax.random.key(0))
             boxes = jnp.concatenate(refined, 1)
             short = jnp.minimum(boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1])
             return loss, (metrics, jnp.max(short))

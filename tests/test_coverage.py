@@ -8,10 +8,13 @@ import sys
 import matplotlib.image
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import tiny
-from jax_rpn import anchors, coverage
+from jax_rpn import anchors
+from jax_rpn.coverage import analysis, anchor_fit, report
 from jax_rpn.data import shapes
+from jax_rpn.settings import TargetSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +29,7 @@ def _coverage(anchor_boxes, gt, *, allow_low_quality=True, high=0.7, border=None
     """batch_coverage of one image holding `gt` [G, 4] (all valid) in a 32x32 image."""
     gt = np.asarray(gt, np.float32)[None]  # [1, G, 4]
     g = gt.shape[1]
-    best, num_pos = coverage.batch_coverage(
+    best, num_pos = analysis.batch_coverage(
         anchor_boxes,
         gt,
         np.ones((1, g), bool),
@@ -48,8 +51,8 @@ def test_box_equal_to_an_anchor_has_best_iou_exactly_one():
     # Hand count: an anchor shifted by one stride (4 px) has IoU 192/320 = 0.6 with a 16x16
     # box (0.5 or lower for the other shapes), so each box has exactly one positive anchor.
     assert num_pos.tolist() == [1, 1]
-    assert coverage.categories(best, high=0.7).tolist() == [0, 0]  # "high"
-    np.testing.assert_array_equal(coverage.best_anchor_iou(a, gt), [1.0, 1.0])
+    assert analysis.categories(best, high=0.7).tolist() == [0, 0]  # "high"
+    np.testing.assert_array_equal(analysis.best_anchor_iou(a, gt), [1.0, 1.0])
 
 
 def test_box_smaller_than_the_smallest_anchor_is_uncovered_at_high():
@@ -58,7 +61,7 @@ def test_box_smaller_than_the_smallest_anchor_is_uncovered_at_high():
     best, num_pos = _coverage(a, gt)
     # Hand-computed: the box lies inside the anchor, IoU = 16 / 256.
     assert best[0] == pytest.approx(16 / 256, abs=1e-7)
-    assert coverage.CATEGORIES[coverage.categories(best, high=0.7)[0]] == "low_quality_only"
+    assert analysis.CATEGORIES[analysis.categories(best, high=0.7)[0]] == "low_quality_only"
     # Low-quality matching makes every tied anchor positive: those containing the box, centred
     # at x, y in {4, 8, 12} (|c - 8| <= 6): 9 anchors.
     assert num_pos[0] == 9
@@ -70,7 +73,37 @@ def test_box_far_from_every_anchor_is_uncovered():
     a = _grid_anchors()
     best, num_pos = _coverage(a, [[100.0, 100.0, 110.0, 120.0], [0.0, 0.0, 0.0, 0.0]])
     assert best.tolist() == [0.0, 0.0] and num_pos.tolist() == [0, 0]
-    assert coverage.categories(best[:1], high=0.7).tolist() == [2]  # "none"
+    assert analysis.categories(best[:1], high=0.7).tolist() == [2]  # "none"
+
+
+def test_each_image_is_matched_against_the_anchors_of_its_padded_shape():
+    """Aspect buckets: a landscape (32x64) and a portrait (64x32) padded image, each holding a
+    box equal to the last anchor of its own canvas, which lies outside the other canvas."""
+    land, port = (32, 64), (64, 32)
+    a = {hw: _grid_anchors(hw=hw) for hw in (land, port)}  # 16x16 squares every 4 px
+    # Hand-placed: centre (60, 28) -> [52, 20, 68, 36] and centre (28, 60) -> [20, 52, 36, 68].
+    gt_boxes = np.stack([a[land][-1:], a[port][-1:]])  # [2, 1, 4]
+    np.testing.assert_array_equal(gt_boxes[:, 0], [[52, 20, 68, 36], [20, 52, 36, 68]])
+    gt = analysis.GroundTruth(
+        boxes=gt_boxes,
+        valid=np.ones((2, 1), bool),
+        ignore=np.zeros((2, 1), bool),
+        image_hw=np.array([land, port], np.int32),
+        pad_hw=np.array([land, port], np.int32),
+        index=np.array([0, 1], np.int32),
+        num_dropped=0,
+    )
+    kw = {"targets": TargetSettings(), "progress": False}
+    cov = analysis.compute_coverage(a, gt, **kw)
+    assert cov.best_iou.tolist() == [1.0, 1.0]
+    # One positive each: the neighbours shifted by one stride reach IoU 192/320 = 0.6 < 0.7.
+    assert cov.num_positive.tolist() == [1, 1]
+    # With the landscape canvas's anchors only, the portrait box (y from 52) overlaps none:
+    # the nearest anchor row ends at y = 28 + 8 = 36.
+    cov = analysis.compute_coverage(a[land], gt, **kw)
+    assert cov.best_iou.tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match=r"no entry for the padded shapes \[\(64, 32\)\]"):
+        analysis.compute_coverage({land: a[land]}, gt, **kw)
 
 
 def _numpy_iou(a, b):
@@ -100,12 +133,12 @@ def test_best_anchor_iou_matches_numpy_with_chunks_and_border(border):
         )
         iou = np.where(inside, iou, 0.0)
     # chunk 7 does not divide N = 108: several scan steps and zero-area padding anchors.
-    got = coverage.best_anchor_iou(a, gt, gt_image_hw=hw, border=border, chunk=7)
+    got = analysis.best_anchor_iou(a, gt, gt_image_hw=hw, border=border, chunk=7)
     np.testing.assert_allclose(got, iou.max(axis=0), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="gt_boxes"):
-        coverage.best_anchor_iou(a, gt[:, :3])
+        analysis.best_anchor_iou(a, gt[:, :3])
     with pytest.raises(ValueError, match="border needs gt_image_hw"):
-        coverage.best_anchor_iou(a, gt, border=0.0)
+        analysis.best_anchor_iou(a, gt, border=0.0)
 
 
 def test_summarize_bins_and_worst():
@@ -113,13 +146,13 @@ def test_summarize_bins_and_worst():
         [[0, 0, 10, 10], [0, 0, 50, 50], [0, 0, 100, 100], [0, 0, 10, 40], [0, 0, 40, 10]],
         np.float32,
     )
-    cov = coverage.BoxCoverage(
+    cov = analysis.BoxCoverage(
         image_index=np.array([0, 0, 1, 2, 2], np.int32),
         boxes=boxes,
         best_iou=np.array([0.2, 0.75, 0.9, 0.0, 0.5], np.float32),
         num_positive=np.array([1, 2, 3, 0, 1], np.int32),
     )
-    s = coverage.summarize(cov, high=0.7, worst=2)
+    s = analysis.summarize(cov, high=0.7, worst=2)
     o = s["overall"]
     assert (o["boxes"], o["high"], o["low_quality_only"], o["none"]) == (5, 0.4, 0.4, 0.2)
     assert o["matched"] == 0.8
@@ -140,10 +173,10 @@ def test_kmeans_recovers_three_shapes():
     truth = np.array([[10.0, 40.0], [30.0, 30.0], [80.0, 20.0]])  # areas 400, 900, 1600
     wh = np.concatenate([t * rng.uniform(0.93, 1.07, (150, 2)) for t in truth])
     rng.shuffle(wh)
-    centres = coverage.kmeans_shapes(wh, 3, seed=0)
+    centres = anchor_fit.kmeans_shapes(wh, 3, seed=0)
     np.testing.assert_allclose(centres, truth, rtol=0.03)
     with pytest.raises(ValueError, match="k must be"):
-        coverage.kmeans_shapes(wh[:2], 3)
+        anchor_fit.kmeans_shapes(wh[:2], 3)
 
 
 def test_suggest_anchors_fits_levels_and_keeps_a():
@@ -153,7 +186,7 @@ def test_suggest_anchors_fits_levels_and_keeps_a():
     ratio = np.tile([0.5, 2.0], 100)
     w, h = size / np.sqrt(ratio), size * np.sqrt(ratio)
     boxes = np.stack([np.zeros(200), np.zeros(200), w, h], axis=1)
-    s = coverage.suggest_anchors(
+    s = anchor_fit.suggest_anchors(
         boxes, strides=(4, 8), sizes=((16,), (32,)), aspect_ratios=(0.5, 2.0)
     )
     assert s.boxes_per_level == (100, 100)
@@ -161,7 +194,7 @@ def test_suggest_anchors_fits_levels_and_keeps_a():
     assert [x[0] for x in s.sizes] == pytest.approx([20.0, 40.0], abs=0.5)  # medians
     assert s.aspect_ratios == pytest.approx((0.5, 2.0), abs=0.02)
     # More sizes per level: A = 2 x 2 on both levels, sizes spread around each cluster.
-    s = coverage.suggest_anchors(
+    s = anchor_fit.suggest_anchors(
         boxes, strides=(4, 8), sizes=((16,), (32,)), aspect_ratios=(0.5, 2.0), sizes_per_level=2
     )
     assert [len(x) for x in s.sizes] == [2, 2]
@@ -170,7 +203,7 @@ def test_suggest_anchors_fits_levels_and_keeps_a():
     cells = anchors.level_cell_anchors((4, 8), s.sizes, s.aspect_ratios)
     assert [c.shape[0] for c in cells] == [4, 4]
     with pytest.raises(ValueError, match="same count"):
-        coverage.suggest_anchors(
+        anchor_fit.suggest_anchors(
             boxes, strides=(4, 8), sizes=(16,), aspect_ratios=((0.5, 2.0), (1.0,))
         )
 
@@ -199,8 +232,8 @@ def _check_png(path):
 def test_run_on_shapes_writes_report_and_pictures(data_dir, tmp_path):
     config = _tiny_config(data_dir)
     out = str(tmp_path / "out")
-    result = coverage.run(config, out_dir=out, max_images=5, progress=False)
-    gt = coverage.load_ground_truth(config, max_images=5, progress=False)
+    result = report.run(config, out_dir=out, max_images=5, progress=False)
+    gt = analysis.load_ground_truth(config, max_images=5, progress=False)
     assert result["setup"]["num_images"] == 5
     assert result["current"]["overall"]["boxes"] == int(np.sum(gt.valid & ~gt.ignore))
     for part in ("current", "suggested"):
@@ -221,7 +254,7 @@ def test_run_on_shapes_writes_report_and_pictures(data_dir, tmp_path):
         _check_png(p)
     with open(os.path.join(out, "coverage.json")) as f:
         assert json.load(f)["current"]["overall"] == result["current"]["overall"]
-    text = coverage.format_report(result)
+    text = report.format_report(result)
     assert "Does every object get an anchor?" in text and "What about very small boxes?" in text
     assert "config.anchors.sizes = " in text
 
@@ -249,3 +282,44 @@ def test_cli_prints_json(data_dir, tmp_path):
     assert result["current"]["overall"]["matched"] is None  # --nomatch: the matcher was skipped
     assert os.path.exists(os.path.join(out, "coverage.png"))
     assert not os.path.exists(os.path.join(out, "current_vs_suggested.png"))
+
+
+def test_run_with_aspect_buckets_uses_each_buckets_anchors(tmp_path):
+    """Two landscape (96x128) and two portrait (128x96) images, each with a 36x36 box in its
+    bottom-right corner, padded to 64x128 or 128x64. A portrait image is the transpose of a
+    landscape one, and so are its padded canvas, its anchors (ratios 0.5 / 1 / 2 are symmetric)
+    and its box: both must reach exactly the same best IoU. With the landscape canvas's anchors
+    only, the portrait boxes (below y = 64) would lose their best anchors."""
+    images, annotations = [], []
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        h, w = (96, 128) if i < 2 else (128, 96)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(tmp_path / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "height": h, "width": w})
+        annotations.append({"id": i + 1, "image_id": i + 1, "category_id": 1,
+                            "bbox": [w - 40, h - 40, 36, 36], "iscrowd": 0})  # fmt: skip
+    (tmp_path / "ann.json").write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": 1, "name": "thing"}],
+            }
+        )  # fmt: skip
+    )
+    config = tiny.get_config()
+    config.data.name = "coco_json"
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.data.train_annotations = config.data.eval_annotations = str(tmp_path / "ann.json")
+    config.data.train_images = config.data.eval_images = str(tmp_path)
+    config.data.short_side, config.data.max_size = 64, 128
+    config.data.pad_to, config.data.aspect_buckets = (64, 128), True
+    config.batch_size = 2
+    result = report.run(config, suggest=False, progress=False)
+    assert result["setup"]["padded_shapes"] == [[64, 128], [128, 64]]
+    worst = {w["image_index"]: w for w in result["current"]["worst"]}
+    for land, port in ((0, 2), (1, 3)):
+        x1, y1, x2, y2 = worst[land]["box"]
+        assert worst[port]["box"] == [y1, x1, y2, x2]  # transposed
+        assert worst[port]["best_iou"] == worst[land]["best_iou"] > 0.4
+    assert "at most 64x128 or 128x64" in report.format_report(result)

@@ -270,5 +270,5 @@ def test_mismatched_levels_raise():
     logits, deltas = [x[0] for x in logits], [x[0] for x in deltas]
     with pytest.raises(ValueError, match="one entry per level"):
         proposals.generate(ANCHORS[:2], logits, deltas, (64, 80), **SETTINGS)
-    with pytest.raises(ValueError, match="level 1"):
+    with pytest.raises(ValueError, match=r"objectness\[1\] must have shape \[Nl\]"):
         proposals.generate(ANCHORS, [logits[0], logits[0], logits[2]], deltas, (64, 80), **SETTINGS)

@@ -278,3 +278,86 @@ def test_nan_stops_training_and_keeps_last_checkpoint(tmp_path, shapes_dir, monk
     assert trainer.checkpoints.latest_step() == 2
     _, params = _final_params(str(tmp_path))
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+# The workdir remembers its config; finished runs; rejected runs ----------------------------
+
+
+def test_changed_fields_are_refused_or_applied(tmp_path):
+    from jax_rpn import checkpoints, workdir
+
+    stored = _config()
+    checkpoints.write_config(str(tmp_path), stored)
+    shape = _config(**{"anchors.sizes": ((12,), (16,), (32,), (64,), (128,)), "targets.high": 0.5})
+    with pytest.raises(workdir.ConfigChanged) as info:
+        workdir.prepare(shape, str(tmp_path))
+    message = str(info.value)
+    assert "anchors.sizes" in message and "targets.high: 0.6 -> 0.5" in message
+    assert "--workdir" in message and "--restart" in message
+    longer = _config(**{"num_train_steps": 50, "proposals.nms_threshold": 0.5})
+    assert workdir.prepare(longer, str(tmp_path)) == [
+        ("num_train_steps", 6, 50),
+        ("proposals.nms_threshold", 0.65, 0.5),
+    ]
+    assert workdir.prepare(shape, str(tmp_path), restart=True) == []
+
+
+def test_metrics_log_never_holds_two_rows_for_a_step(tmp_path):
+    from jax_rpn.workdir import MetricsLog
+
+    path = str(tmp_path / "metrics.jsonl")
+    log = MetricsLog(path)
+    for step in (1, 2, 3):
+        log.write(step, "train", {"loss": float(step)})
+    log.write(3, "eval", {"AR@100": 0.1})
+    log.write(3, "eval", {"AR@100": 0.2})  # evaluated again: replaces
+    with open(path, "a") as f:
+        f.write('{"step": 4, "spl')  # a line cut short by a kill
+    log = MetricsLog(path)
+    log.truncate(2)  # resumed from the checkpoint at step 2: steps 3.. are logged again
+    log.write(3, "train", {"loss": 3.5})
+    rows = [json.loads(line) for line in open(path)]
+    assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (3, "train")]
+    assert rows[-1]["loss"] == 3.5
+
+
+def test_rejected_runs_leave_no_workdir(tmp_path):
+    bad = _config(**{"targets.low": 0.9})
+    with pytest.raises(ValueError, match="targets.low/high"):
+        training.setup_training(bad, str(tmp_path / "bad"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint in .*train first"):
+        training.setup_evaluation(_config(), str(tmp_path / "empty"))
+    missing = _config(**{"data.name": "voc/2007", "data.data_dir": str(tmp_path / "tfds")})
+    with pytest.raises(FileNotFoundError, match="not prepared"):
+        training.setup_training(missing, str(tmp_path / "nodata"))
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_more_steps_train_on_and_a_finished_run_appends_nothing(
+    tmp_path, shapes_dir, monkeypatch, capsys
+):
+    monkeypatch.setattr(training, "set_up_compilation_cache", lambda workdir: None)
+    overrides = {
+        "data.data_dir": str(shapes_dir),
+        "data.name": "rpn_shapes/small",
+        "num_train_steps": 2,
+        "log_every": 1,
+        "checkpoint_every": 1,
+        "data.num_eval_images": 8,
+    }
+    workdir = str(tmp_path / "run")
+    training.train_and_evaluate(_config(**overrides), workdir)
+    rows = open(os.path.join(workdir, "metrics.jsonl")).read()
+    assert json.load(open(os.path.join(workdir, "config.json")))["num_train_steps"] == 2
+
+    result = training.train_and_evaluate(_config(**overrides), workdir)  # finished: no eval
+    assert "is complete (step 2 of 2)" in capsys.readouterr().out
+    assert open(os.path.join(workdir, "metrics.jsonl")).read() == rows
+    assert result["AR@100"] == json.loads(rows.splitlines()[-1])["AR@100"]
+
+    training.train_and_evaluate(_config(**{**overrides, "num_train_steps": 3}), workdir)
+    out = capsys.readouterr().out
+    assert "Changed on resume: num_train_steps 2 -> 3" in out
+    assert "Resumed from checkpoint at step 2" in out
+    steps = [(r["step"], r["split"]) for r in map(json.loads, open(workdir + "/metrics.jsonl"))]
+    assert steps == [(1, "train"), (2, "train"), (2, "eval"), (3, "train"), (3, "eval")]

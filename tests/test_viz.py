@@ -4,7 +4,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from jax_rpn import anchors, evaluation, viz
+from jax_rpn import anchors, recall, viz
 
 
 def _check_png(path, fig, *, min_hw=(200, 200), max_hw=(2000, 3000)):
@@ -67,7 +67,12 @@ def test_plot_proposals_and_grid(tmp_path, scene):
     path = tmp_path / "proposals.png"
     fig = viz.plot_proposals(image, gt, gt_valid, props, scores, valid, path, top=10)
     _check_png(path, fig)
-    assert fig.axes[0].get_title() == "2 GT (cyan), top 3 proposals"  # invalid ones left out
+    ax = fig.axes[0]  # invalid proposals are left out; the legend names both colours
+    assert ax.get_title() == "2 GT (cyan), top 3 proposals (orange) with scores"
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["2 GT", "top 3 proposals (best 3 scored)"]
+    # Scores are drawn as probabilities: sigmoid(0.9) = 0.711, sigmoid(0.8) = 0.690, ...
+    assert [t.get_text() for t in ax.texts] == ["0.71", "0.69", "0.67"]
 
     b = 3
     uint8_images = rng.integers(0, 256, (b, 96, 128, 3), dtype=np.uint8)
@@ -86,8 +91,8 @@ def test_plot_recall_curves(tmp_path):
     matches = np.zeros((4, 10, 50), np.int32)
     for t in range(10):
         matches[0, t, [0, 2, 9, 40][: 4 - t // 3]] = 1
-    stats = evaluation.RecallStats(matches, np.array([4, 0, 0, 4]), np.array(50), np.array(1))
-    acc = evaluation.RecallAccumulator()
+    stats = recall.RecallStats(matches, np.array([4, 0, 0, 4]), np.array(50), np.array(1))
+    acc = recall.RecallAccumulator()
     acc.update(stats)
     path = tmp_path / "recall.png"
     fig = viz.plot_recall_curves(acc.curves(), path)

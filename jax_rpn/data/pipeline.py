@@ -1,10 +1,11 @@
 """Input pipeline: tfds array_record data sources read by grain, into static-shape numpy batches.
 
 Per example: decode -> boxes to absolute `[x1, y1, x2, y2]` pixels -> random horizontal flip
-(train) -> resize keeping the aspect ratio (`augment.resized_hw`) -> normalize with ImageNet
-mean/std -> pad the image to `config.data.pad_to` (top-left, zeros after normalization) and the
-ground truth to `config.data.max_boxes` slots. A batch is a dict of numpy arrays, b examples
-(b = config.batch_size / process count: this host's part of the global batch):
+(train) -> resize keeping the aspect ratio (`augment.resized_hw`) -> normalize
+(`augment.normalize`: `config.data` channel order, pixel mean and std) -> pad the image to
+`config.data.pad_to` (top-left, zeros after normalization) and the ground truth to
+`config.data.max_boxes` slots. A batch is a dict of numpy arrays, b examples (b =
+config.batch_size / process count: this host's part of the global batch):
 
     image          float32 [b, H, W, 3]  (H, W) = pad_to
     boxes          float32 [b, G, 4]     [x1, y1, x2, y2] in pixels of the resized image; 0 if empty
@@ -25,6 +26,8 @@ example's flip, are the same whatever the number of hosts and devices.
 Datasets (`config.data.name`):
 - `rpn_shapes`, `rpn_shapes/small`: the embedded synthetic data (`jax_rpn.data.shapes`),
   prepared on first use.
+- `coco_json`, `voc_folder`: users' own data, a COCO JSON + image folder per split or a VOC
+  folder (`jax_rpn.data.user_datasets`), prepared on first use.
 - `voc/2007`, `voc/2012` (tfds; `objects/is_difficult` -> ignore; splits train, validation,
   test (without boxes in 2012); e.g. `train_split="train+validation"`) and `coco/2017` (tfds;
   `objects/is_crowd` -> ignore; splits train, validation). They must be prepared beforehand,
@@ -54,10 +57,18 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
-from jax_rpn.data import augment, shapes
+from jax_rpn import config_checks
+from jax_rpn.data import augment, buckets, shapes, user_datasets
+from jax_rpn.settings import PixelSettings
 
-# The box flag each dataset family turns into `ignore`.
-_IGNORE_FEATURE = {"rpn_shapes": None, "voc": "is_difficult", "coco": "is_crowd"}
+# The dataset families (`config.data.name` up to the first "/") and the box flag each turns
+# into `ignore`.
+FAMILIES = {
+    "rpn_shapes": None,
+    "voc": "is_difficult",
+    "coco": "is_crowd",
+    **user_datasets.IGNORE_FEATURE,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +79,8 @@ class DatasetInfo:
     class_names: tuple[str, ...]
     num_train_examples: int
     num_eval_examples: int  # after num_eval_images
-    num_eval_batches: int  # global batches of one eval pass (the last one padded)
-    image_hw: tuple[int, int]  # padded image size (H, W)
+    num_eval_batches: int  # global batches of one eval pass (each bucket's last one padded)
+    padded_shapes: tuple[tuple[int, int], ...]  # the buckets' padded image sizes (H, W)
     max_boxes: int
 
 
@@ -80,10 +91,11 @@ class _Settings:
     family: str
     short_side: int
     max_size: int
-    pad_hw: tuple[int, int]
+    pad_hw: tuple[int, int]  # this bucket's padded size
     max_boxes: int
     ignore_difficult: bool
     hflip: bool
+    pixels: PixelSettings
 
 
 def decode_example(example: dict, *, family: str, ignore_difficult: bool = True):
@@ -94,8 +106,8 @@ def decode_example(example: dict, *, family: str, ignore_difficult: bool = True)
     index into the dataset's class names); ignore bool [n] (difficult / crowd, all False unless
     `ignore_difficult`). Boxes with zero width or height are dropped.
     """
-    if family not in _IGNORE_FEATURE:
-        raise ValueError(f"family must be one of {tuple(_IGNORE_FEATURE)}, got {family!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {family!r}")
     image = np.asarray(example["image"], np.uint8)  # tfds decodes these datasets to RGB
     h, w = image.shape[:2]
     objects = example["objects"]
@@ -105,7 +117,7 @@ def decode_example(example: dict, *, family: str, ignore_difficult: bool = True)
     if len(labels) != len(boxes):
         raise ValueError(f"objects/label has {len(labels)} entries for {len(boxes)} boxes")
     ignore = np.zeros(len(boxes), bool)
-    key = _IGNORE_FEATURE[family]
+    key = FAMILIES[family]
     if key is not None and ignore_difficult:
         ignore = np.asarray(objects[key], bool).reshape(-1)
         if len(ignore) != len(boxes):
@@ -132,7 +144,7 @@ def _process(example: dict, index: int, *, settings: _Settings, flip: bool) -> d
         boxes, labels, ignore, max_boxes=settings.max_boxes
     )
     return {
-        "image": augment.pad_image(augment.normalize(image), settings.pad_hw),
+        "image": augment.pad_image(augment.normalize(image, settings.pixels), settings.pad_hw),
         "boxes": boxes,
         "labels": labels,
         "valid": valid,
@@ -187,41 +199,78 @@ class _EvalExample(grain.transforms.Map):
         return _process(self._source[position], position, settings=self._settings, flip=False)
 
 
-def _check_config(config) -> None:
-    """Raises ValueError naming the first invalid `config.data` / batch setting."""
+def _padded_shapes(config) -> tuple[tuple[int, int], ...]:
     d = config.data
-    family = d.name.split("/")[0]
-    if family not in _IGNORE_FEATURE:
-        raise ValueError(
-            "config.data.name must be rpn_shapes[/small], voc/2007, voc/2012 or coco/2017, "
-            f"got {d.name!r}"
+    return buckets.padded_shapes(d.pad_to, aspect_buckets=d.aspect_buckets)
+
+
+def _bucket_ids(config, builder, split: str) -> np.ndarray:
+    """The bucket of every record of ``split`` (all 0 with a single padded shape)."""
+    shapes_ = _padded_shapes(config)
+    if len(shapes_) == 1:
+        return np.zeros(builder.info.splits[split].num_examples, np.int32)
+    d = config.data
+    sizes = _cached_sizes(builder.data_dir, split, builder)
+    return buckets.bucket_ids(sizes, shapes_, short_side=d.short_side, max_size=d.max_size)
+
+
+_SIZES: dict[tuple[str, str], np.ndarray] = {}
+
+
+def _cached_sizes(data_dir: str, split: str, builder) -> np.ndarray:
+    key = (str(data_dir), split)
+    if key not in _SIZES:
+        _SIZES[key] = buckets.record_sizes(builder, split)
+    return _SIZES[key]
+
+
+def _stack(examples: list[dict]) -> dict:
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+class _BucketTrainBatch:
+    """``(batch position, (bucket, global batch of record indices))`` -> this host's rows,
+    processed at the bucket's padded size, each flipped with probability 1/2 (hflip) from an
+    rng of (seed, batch position, row in the global batch)."""
+
+    def __init__(self, source, settings: _Settings, shapes_, rows: range, seed: int):
+        self._source, self._settings, self._shapes = source, settings, shapes_
+        self._rows, self._seed = rows, seed
+
+    def __call__(self, position: int, element) -> dict:
+        bucket, indices = element
+        settings = dataclasses.replace(self._settings, pad_hw=self._shapes[bucket])
+        examples = []
+        for row in self._rows:
+            index = int(indices[row])
+            rng = np.random.default_rng([self._seed, int(position), row])
+            flip = settings.hflip and bool(rng.random() < 0.5)
+            examples.append(_process(self._source[index], index, settings=settings, flip=flip))
+        return _stack(examples)
+
+
+class _BucketEvalBatch:
+    """``(bucket, positions)`` -> this host's rows at the bucket's size (-1: blank)."""
+
+    def __init__(self, source, settings: _Settings, shapes_, rows: range):
+        self._source, self._settings, self._shapes, self._rows = source, settings, shapes_, rows
+
+    def __call__(self, element) -> dict:
+        bucket, positions = element
+        settings = dataclasses.replace(self._settings, pad_hw=self._shapes[bucket])
+        return _stack(
+            [
+                _blank(settings)
+                if positions[row] < 0
+                else _process(
+                    self._source[int(positions[row])],
+                    int(positions[row]),
+                    settings=settings,
+                    flip=False,
+                )
+                for row in self._rows
+            ]
         )
-    pad = tuple(d.pad_to)
-    if len(pad) != 2 or not all(isinstance(s, int) and s > 0 for s in pad):
-        raise ValueError(f"config.data.pad_to must be two positive ints (H, W), got {d.pad_to}")
-    if "anchors" in config and "strides" in config.anchors:
-        stride = max(config.anchors.strides)
-        if pad[0] % stride or pad[1] % stride:
-            raise ValueError(
-                f"config.data.pad_to={pad} must be divisible by the largest anchor stride {stride}"
-            )
-    if not 0 < d.short_side <= d.max_size:
-        raise ValueError(
-            f"config.data.short_side ({d.short_side}) must be positive and at most "
-            f"config.data.max_size ({d.max_size})"
-        )
-    if d.max_boxes < 1:
-        raise ValueError(f"config.data.max_boxes must be >= 1, got {d.max_boxes}")
-    if d.num_workers < 0:
-        raise ValueError(f"config.data.num_workers must be >= 0, got {d.num_workers}")
-    if d.num_eval_images is not None and d.num_eval_images < 1:
-        raise ValueError(
-            f"config.data.num_eval_images must be None or >= 1, got {d.num_eval_images}"
-        )
-    if not 0 <= config.seed < 2**32:
-        raise ValueError(f"config.seed must be in [0, 2**32), got {config.seed}")
-    if config.batch_size < 1:
-        raise ValueError(f"config.batch_size must be >= 1, got {config.batch_size}")
 
 
 def _settings(config) -> _Settings:
@@ -234,6 +283,7 @@ def _settings(config) -> _Settings:
         max_boxes=int(d.max_boxes),
         ignore_difficult=bool(d.ignore_difficult),
         hflip=bool(d.hflip),
+        pixels=PixelSettings.from_config(config),
     )
 
 
@@ -242,6 +292,8 @@ def _builder(config):
     name, data_dir = config.data.name, config.data.data_dir
     if name.split("/")[0] == "rpn_shapes":
         return shapes.ensure_prepared(name, data_dir=data_dir)
+    if name in user_datasets.IGNORE_FEATURE:
+        return user_datasets.ensure_prepared(config.data)
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
         raise FileNotFoundError(
@@ -274,8 +326,12 @@ def _host_batches(
 ) -> grain.IterDataset:
     """Batches of this host's rows of each global batch of `ds`, made by `workers` processes."""
     ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
-    # Two threads prepare the next batches while the caller trains (the iterator's state
-    # counts only the batches returned).
+    return _iterate(ds, workers)
+
+
+def _iterate(ds: grain.MapDataset, workers: int) -> grain.IterDataset:
+    """`ds` read ahead by two threads (or `workers` processes) while the caller trains; the
+    iterator's state counts only the batches returned."""
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
     if workers:
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
@@ -298,12 +354,24 @@ def create_train_iterator(
     `set_state(state)`; `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` save and
     restore it with orbax.
     """
-    _check_config(config)
+    config_checks.validate_data(config)
     p, n_proc, local_batch = _hosts(config, process_index, process_count)
-    source = _builder(config).as_data_source(config.data.train_split)
-    ds = grain.MapDataset.range(len(source)).shuffle(seed=config.seed).repeat()
-    ds = ds.random_map(_TrainExample(source, _settings(config)), seed=config.seed)
-    return iter(_host_batches(ds, local_batch, p, n_proc, config.data.num_workers))
+    builder = _builder(config)
+    split = config.data.train_split
+    source = builder.as_data_source(split)
+    shapes_ = _padded_shapes(config)
+    if len(shapes_) == 1:
+        ds = grain.MapDataset.range(len(source)).shuffle(seed=config.seed).repeat()
+        ds = ds.random_map(_TrainExample(source, _settings(config)), seed=config.seed)
+        return iter(_host_batches(ds, local_batch, p, n_proc, config.data.num_workers))
+    batches = buckets.BucketBatches(
+        _bucket_ids(config, builder, split), batch_size=config.batch_size, seed=config.seed
+    )
+    rows = range(p * local_batch, (p + 1) * local_batch)
+    ds = grain.MapDataset.source(batches).map_with_index(
+        _BucketTrainBatch(source, _settings(config), shapes_, rows, config.seed)
+    )
+    return iter(_iterate(ds, config.data.num_workers))
 
 
 def create_eval_iterator(
@@ -316,13 +384,22 @@ def create_eval_iterator(
     Takes the first `config.data.num_eval_images` examples (None: all). The last global batch
     is filled with blank examples whose `example_valid` is False, so every batch has b rows.
     """
-    _check_config(config)
+    config_checks.validate_data(config)
     p, n_proc, local_batch = _hosts(config, process_index, process_count)
-    source = _builder(config).as_data_source(config.data.eval_split)
+    builder = _builder(config)
+    source = builder.as_data_source(config.data.eval_split)
     num = _num_eval(config, len(source))
-    total = math.ceil(num / config.batch_size) * config.batch_size
-    ds = grain.MapDataset.range(total).map(_EvalExample(source, _settings(config), num))
-    return iter(_host_batches(ds, local_batch, p, n_proc, config.data.num_workers))
+    shapes_ = _padded_shapes(config)
+    if len(shapes_) == 1:
+        total = math.ceil(num / config.batch_size) * config.batch_size
+        ds = grain.MapDataset.range(total).map(_EvalExample(source, _settings(config), num))
+        return iter(_host_batches(ds, local_batch, p, n_proc, config.data.num_workers))
+    ids = _bucket_ids(config, builder, config.data.eval_split)[:num]
+    rows = range(p * local_batch, (p + 1) * local_batch)
+    ds = grain.MapDataset.source(buckets.eval_order(ids, config.batch_size)).map(
+        _BucketEvalBatch(source, _settings(config), shapes_, rows)
+    )
+    return iter(_iterate(ds, config.data.num_workers))
 
 
 def _num_eval(config, split_size: int) -> int:
@@ -332,17 +409,18 @@ def _num_eval(config, split_size: int) -> int:
 
 def dataset_info(config) -> DatasetInfo:
     """Sizes and class names of `config.data` (prepares rpn_shapes if needed)."""
-    _check_config(config)
+    config_checks.validate_data(config)
     builder = _builder(config)
     splits = builder.info.splits
     num_eval = _num_eval(config, splits[config.data.eval_split].num_examples)
     label = builder.info.features["objects"]["label"]
+    ids = _bucket_ids(config, builder, config.data.eval_split)[:num_eval]
     return DatasetInfo(
         name=config.data.name,
         class_names=tuple(label.names),
         num_train_examples=splits[config.data.train_split].num_examples,
         num_eval_examples=num_eval,
-        num_eval_batches=math.ceil(num_eval / config.batch_size),
-        image_hw=tuple(int(s) for s in config.data.pad_to),
+        num_eval_batches=len(buckets.eval_order(ids, config.batch_size)),
+        padded_shapes=_padded_shapes(config),
         max_boxes=int(config.data.max_boxes),
     )

@@ -227,12 +227,12 @@ class RpnShapes(tfds.core.GeneratorBasedBuilder):
         return {s: self._generate_examples(s) for s in self.builder_config.num_examples}
 
     def _generate_examples(self, split: str):
-        render = functools.partial(_encoded_example, split, image_hw=self.builder_config.image_hw)
+        render = functools.partial(encoded_example, split, image_hw=self.builder_config.image_hw)
         with concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
             yield from pool.map(render, range(self.builder_config.num_examples[split]))
 
 
-def _encoded_example(split: str, index: int, *, image_hw) -> tuple[int, dict]:
+def encoded_example(split: str, index: int, *, image_hw) -> tuple[int, dict]:
     """(key, tfds example) of `render_example`; the JPEG is encoded with PIL, not with TF ops."""
     ex = render_example(split, index, image_hw=image_hw)
     jpeg = io.BytesIO()
@@ -242,7 +242,7 @@ def _encoded_example(split: str, index: int, *, image_hw) -> tuple[int, dict]:
 
 
 @contextlib.contextmanager
-def _file_lock(path: str):
+def file_lock(path: str):
     """An exclusive advisory lock on `path` (several processes on one host share a data_dir)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -264,7 +264,7 @@ def ensure_prepared(name: str = "rpn_shapes", *, data_dir: str | None = None):
     if builder.is_prepared():
         return builder
     lock = os.path.join(builder.data_dir_root, f".{name.replace('/', '_')}.lock")
-    with _file_lock(lock):
+    with file_lock(lock):
         builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
         if not builder.is_prepared():
             logging.getLogger(__name__).warning(

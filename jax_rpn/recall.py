@@ -31,6 +31,7 @@ import numpy as np
 from jax import lax
 
 from jax_rpn import boxes as box_ops
+from jax_rpn.shape_checks import check_shape
 
 # COCO's IoU thresholds .50:.05:.95 (np.linspace as COCOeval builds them).
 IOU_THRESHOLDS = tuple(float(t) for t in np.linspace(0.5, 0.95, 10))
@@ -89,10 +90,12 @@ def recall_stats(
       boxes: ``[K, 4]`` xyxy proposals.
       scores: ``[K]``; proposals are ranked by score, descending (stable), valid ones first,
         so ``k`` in the output is the rank among valid proposals.
-      valid: bool ``[K]``; invalid slots never match and are not counted as proposals.
+      valid: bool (or integer) ``[K]``; invalid slots never match and are not counted as
+        proposals.
       gt_boxes: ``[G, 4]`` xyxy ground truth (padded).
-      gt_valid: bool ``[G]``; padding is False.
-      gt_ignore: bool ``[G]`` or None; ignored (crowd / difficult) boxes are not counted.
+      gt_valid: bool (or integer) ``[G]``; padding is False.
+      gt_ignore: bool (or integer) ``[G]`` or None; ignored (crowd / difficult) boxes are not
+        counted.
       iou_thresholds: T static IoU thresholds (default COCO's .50:.05:.95); match if IoU >= t.
       area_ranges: R static ``(name, low, high)`` tuples, inclusive, on ``w * h``.
 
@@ -101,21 +104,20 @@ def recall_stats(
       ``num_images [] = 1``.
     """
     _check_settings(iou_thresholds, area_ranges)
+    sizes = check_shape(boxes, "boxes", "[K, 4]")
+    check_shape(scores, "scores", "[K]", dtype="real", sizes=sizes)
+    check_shape(valid, "valid", "[K]", dtype="mask", sizes=sizes)
+    if sizes["K"] == 0:
+        raise ValueError("boxes must hold at least one proposal slot (K >= 1), got K = 0")
+    sizes = check_shape(gt_boxes, "gt_boxes", "[G, 4]")
+    check_shape(gt_valid, "gt_valid", "[G]", dtype="mask", sizes=sizes)
+    if gt_ignore is not None:
+        check_shape(gt_ignore, "gt_ignore", "[G]", dtype="mask", sizes=sizes)
     boxes, scores, valid = jnp.asarray(boxes), jnp.asarray(scores), jnp.asarray(valid)
     gt_boxes, gt_valid = jnp.asarray(gt_boxes), jnp.asarray(gt_valid)
     k = boxes.shape[0]
     g = gt_boxes.shape[0]
-    if k == 0 or boxes.shape != (k, 4) or scores.shape != (k,) or valid.shape != (k,):
-        raise ValueError(
-            f"boxes, scores, valid must be [K, 4], [K], [K] with K >= 1; got {boxes.shape}, "
-            f"{scores.shape}, {valid.shape}"
-        )
     gt_ignore = jnp.zeros((g,), bool) if gt_ignore is None else jnp.asarray(gt_ignore)
-    if gt_boxes.shape != (g, 4) or gt_valid.shape != (g,) or gt_ignore.shape != (g,):
-        raise ValueError(
-            f"gt_boxes, gt_valid, gt_ignore must be [G, 4], [G], [G]; got {gt_boxes.shape}, "
-            f"{gt_valid.shape}, {gt_ignore.shape}"
-        )
     valid = valid.astype(bool)
     thresholds = jnp.asarray(iou_thresholds, jnp.float32)  # [T]
     num_r, num_t = len(area_ranges), thresholds.shape[0]
@@ -135,7 +137,9 @@ def recall_stats(
     if g == 0:
         matches = jnp.zeros((num_r, num_t, k), jnp.int32)
     else:
-        overlaps = box_ops.iou(boxes[order].astype(jnp.float32), gt_boxes.astype(jnp.float32))
+        overlaps = box_ops.pairwise_iou(
+            boxes[order].astype(jnp.float32), gt_boxes.astype(jnp.float32)
+        )
 
         def step(matched, x):  # matched: bool [R, T, G]
             row, ok = x  # [G], []
@@ -266,3 +270,17 @@ class RecallAccumulator:
             "num_proposals": nums,
             "recall_vs_num": vs_num,
         }
+
+
+def format_recall_table(result: dict[str, float], *, title: str = "Recall") -> str:
+    """The metrics of :meth:`RecallAccumulator.result` as a fixed-width text table."""
+    width = max(len(k) for k in result)
+    lines = [title, "-" * (width + 10)]
+    lines += [f"{k:<{width}}  {v:8.4f}" for k, v in result.items()]
+    return "\n".join(lines)
+
+
+def short_recall(result: dict[str, float]) -> str:
+    """The headline metrics on one line: AR@100, AR@1000, recall@0.5@100, recall@0.7@100."""
+    keys = ("AR@100", "AR@1000", "recall@0.5@100", "recall@0.7@100")
+    return ", ".join(f"{k} {result[k]:.3f}" for k in keys if k in result)
