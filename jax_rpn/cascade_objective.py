@@ -29,6 +29,7 @@ from jax_rpn import boxes as box_ops
 from jax_rpn import losses, matching, region_assign, sampling
 from jax_rpn.models.cascade_head import CascadeRPNOutput
 from jax_rpn.settings import CascadeSettings, LossSettings, TargetSettings
+from jax_rpn.shape_checks import check_shape
 from jax_rpn.targets import _per_image_keys
 
 # mmdetection's average factor of a stage without sampling: anchors / 200.
@@ -101,12 +102,8 @@ def cascade_targets(
     """
     gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
     grid = jnp.concatenate([jnp.asarray(a, jnp.float32) for a in anchors])  # [N, 4]
+    check_shape(refined_anchors, "refined_anchors", "[N, 4]", sizes={"N": grid.shape[0]})
     refined_anchors = jnp.asarray(refined_anchors, jnp.float32)
-    if refined_anchors.shape != grid.shape:
-        raise ValueError(
-            f"refined_anchors must have the anchors' shape {grid.shape}, got "
-            f"{refined_anchors.shape}"
-        )
     matched1, labels1 = region_assign.region_assign(
         anchors,
         gt_boxes,

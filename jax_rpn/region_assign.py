@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_rpn import boxes as box_ops
+from jax_rpn.shape_checks import check_shape
 
 
 def target_levels(gt_boxes: jax.Array, *, anchor_size: float, num_levels: int) -> jax.Array:
@@ -105,15 +106,16 @@ def region_assign(
         )
     if not anchor_size > 0:
         raise ValueError(f"anchor_size must be > 0, got {anchor_size}")
+    for level, a in enumerate(anchors):
+        check_shape(a, f"anchors[{level}]", "[Nl, 4]")
+    sizes = check_shape(gt_boxes, "gt_boxes", "[G, 4]")
+    check_shape(gt_valid, "gt_valid", "[G]", dtype="mask", sizes=sizes)
     gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
-    if gt_boxes.ndim != 2 or gt_boxes.shape[-1] != 4:
-        raise ValueError(f"gt_boxes must have shape [G, 4], got {gt_boxes.shape}")
     num_gt = gt_boxes.shape[0]
-    if tuple(jnp.shape(gt_valid)) != (num_gt,):
-        raise ValueError(f"gt_valid must have shape [G] = ({num_gt},), got {jnp.shape(gt_valid)}")
-    use = jnp.asarray(gt_valid, bool) & box_ops.is_valid(gt_boxes)  # [G]
+    use = jnp.asarray(gt_valid).astype(bool) & box_ops.is_valid(gt_boxes)  # [G]
     if gt_ignore is not None:
-        use = use & ~jnp.asarray(gt_ignore, bool)
+        check_shape(gt_ignore, "gt_ignore", "[G]", dtype="mask", sizes=sizes)
+        use = use & ~jnp.asarray(gt_ignore).astype(bool)
     level = target_levels(gt_boxes, anchor_size=anchor_size, num_levels=num_levels)  # [G]
     r_center = (1.0 - center_ratio) / 2  # distance of the region's edges from the box's
     r_ignore = (1.0 - ignore_ratio) / 2

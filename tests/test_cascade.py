@@ -430,9 +430,13 @@ def test_cascade_objective_hand_computed():
     # sampled (32 samples); zero logits -> log 2 each, over B * num_samples = 32.
     np.testing.assert_allclose(m["objectness_loss"], 16 * np.log(2) / 32, rtol=1e-5)
     np.testing.assert_allclose(m["box_loss"], (0 + 0.2) / 32, rtol=1e-5)
-    np.testing.assert_allclose(
-        loss, 10 * m["stage1_box_loss"] + m["objectness_loss"] + 10 * m["box_loss"], rtol=1e-6
+    config = _cascade_test_config()
+    want = (
+        config.cascade.stage1_box_weight * m["stage1_box_loss"]
+        + m["objectness_loss"]
+        + config.loss.box_weight * m["box_loss"]
     )
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
     assert m["num_positive"] == 2 and m["num_negative"] == 14 and m["stage1_positive"] == 4
     np.testing.assert_allclose(m["stage1_iou"], iou, rtol=1e-5)
     # Refined anchors of stage 1's positives: 5 (IoU 1), 6 (0.8), 9 and 10 (the anchors).

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jax_rpn.shape_checks import check_shape
+
 NORMAL_001 = nn.initializers.normal(stddev=0.01)
 _TAPS = np.array([(ky, kx) for ky in (-1, 0, 1) for kx in (-1, 0, 1)], np.float32)  # [9, 2]
 # Gathered floats per scan step (chunk cells x 9 taps x 4 corners x C): ~2-4 MiB.
@@ -53,6 +55,7 @@ def anchor_points(anchors: jax.Array, *, stride: float) -> jax.Array:
     mmdetection's ``anchor_offset`` (ctr_offset + shape_offset, kernel 3, dilation 1) added to
     the regular taps of cell ``(i, j)`` gives the same positions.
     """
+    check_shape(anchors, "anchors", "[..., 4]")
     anchors = jnp.asarray(anchors, jnp.float32) / stride
     center = jnp.stack(
         [(anchors[..., 1] + anchors[..., 3]) * 0.5, (anchors[..., 0] + anchors[..., 2]) * 0.5], -1
@@ -170,18 +173,13 @@ def multilevel_adaptive_conv(
     ``[B, Hl, Wl, O]`` (what a head shared by the pyramid levels needs)."""
     if len(xs) != len(points) or not xs:
         raise ValueError(f"need one points array per map, got {len(points)} for {len(xs)} maps")
-    c = xs[0].shape[-1]
-    if kernel.ndim != 4 or tuple(kernel.shape[:3]) != (3, 3, c):
-        raise ValueError(f"kernel must have shape [3, 3, C={c}, O], got {kernel.shape}")
+    c = check_shape(xs[0], "xs[0]", "[B, H, W, C]")["C"]
+    check_shape(kernel, "kernel", "[3, 3, C, O]", sizes={"C": c})
     tables, rows, weights, offset = [], [], [], 0
-    for x, p in zip(xs, points, strict=True):
-        if x.ndim != 4 or x.shape[-1] != c:
-            raise ValueError(f"maps must be [B, H, W, C={c}], got {x.shape}")
+    for level, (x, p) in enumerate(zip(xs, points, strict=True)):
+        level_sizes = check_shape(x, f"xs[{level}]", "[B, H, W, C]", sizes={"C": c})
+        check_shape(p, f"points[{level}]", "[B, H, W, 9, 2]", sizes=level_sizes)
         b, h, w = x.shape[:3]
-        if tuple(p.shape) != (b, h, w, 9, 2):
-            raise ValueError(
-                f"points must have shape [B, H, W, 9, 2] = {(b, h, w, 9, 2)}, got {p.shape}"
-            )
         if isinstance(p, np.ndarray):  # e.g. a broadcast view: jit wants a plain array
             p = np.ascontiguousarray(p, np.float32)
         r, wt = _rows_and_weights(jnp.asarray(p, jnp.float32).reshape(b, h * w, 9, 2), (h, w))
@@ -207,12 +205,9 @@ def adaptive_conv(x: jax.Array, points: jax.Array, kernel: jax.Array) -> jax.Arr
     (:func:`multilevel_adaptive_conv` takes a batch of several maps at once). Differentiable in
     ``x`` and ``kernel``; ``points`` get no gradient.
     """
-    if x.ndim != 3:
-        raise ValueError(f"x must have shape [H, W, C], got {x.shape}")
-    if tuple(points.shape) != (*x.shape[:2], 9, 2):
-        raise ValueError(
-            f"points must have shape [H, W, 9, 2] = {(*x.shape[:2], 9, 2)}, got {points.shape}"
-        )
+    sizes = check_shape(x, "x", "[H, W, C]")
+    check_shape(kernel, "kernel", "[3, 3, C, O]", sizes=sizes)
+    check_shape(points, "points", "[H, W, 9, 2]", sizes=sizes)
     return multilevel_adaptive_conv([x[None]], [points[None]], kernel)[0][0]
 
 
