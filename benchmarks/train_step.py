@@ -1,9 +1,10 @@
 """Speed of the full RPN train step: steps/s, images/s, compile time, RPN overhead, memory.
 
-For each config (``configs/default.py`` as it is; ``configs/coco_r50_fpn.py`` at a CPU-feasible
-``pad_to`` 256x384 and batch 2) the train step is built exactly as the trainer builds it
-(``build_rpn``, ``create_optimizer``, ``create_train_state``, ``make_train_step``,
-``parallel.parallelize``) and fed a random batch of the pipeline's structure.
+For each config (``configs/default.py`` and its Cascade RPN variant ``configs/cascade.py`` as
+they are; ``configs/coco_r50_fpn.py`` at a CPU-feasible ``pad_to`` 256x384 and batch 2) the
+train step is built exactly as the trainer builds it (``build_rpn``, ``create_optimizer``,
+``create_train_state``, ``make_train_step``, ``parallel.parallelize``) and fed a random batch
+of the pipeline's structure.
 
 - steps/s, images/s: median over timed steps after warm-up (state threaded through); the
   full step and the two variants below are timed in turn, round after round.
@@ -49,6 +50,7 @@ from benchmarks import common  # noqa: E402
 # name -> (config module, overrides): coco_r50_fpn shrunk to something a 2-core CPU can step.
 CONFIGS = {
     "default": ("configs.default", {}),
+    "cascade": ("configs.cascade", {}),
     "coco_r50_fpn": ("configs.coco_r50_fpn", {"pad_to": (256, 384), "batch_size": 2}),
 }
 

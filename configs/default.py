@@ -69,6 +69,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.head_convs = 0
     c.model.head_dim = ml_collections.config_dict.placeholder(int)  # 3x3 conv channels; None: input
     c.model.objectness = "sigmoid"  # sigmoid (A logits per cell) or softmax (2A)
+    # standard: the RPN head above. cascade: Cascade RPN (jax_rpn.models.cascade_head), two
+    # stages on one anchor per cell (anchors.sizes one size per level, aspect_ratios (1.0,)),
+    # head_dim channels in both stages' 3x3 convolutions; settings in c.cascade below.
+    c.model.head = "standard"
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters and losses stay f32)
 
     # Anchors (jax_rpn.anchors): one entry of sizes per level.
@@ -101,9 +105,20 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Losses (jax_rpn.losses).
     c.loss = ml_collections.ConfigDict()
-    c.loss.box = "smooth_l1"  # smooth_l1, giou
+    c.loss.box = "smooth_l1"  # smooth_l1, giou, iou
     c.loss.beta = 0.0  # smooth-L1 beta (0 = L1), detectron2's RPN default
     c.loss.box_weight = 2.0  # loss = objectness + box_weight * box
+
+    # Cascade RPN (model.head = "cascade"; jax_rpn.cascade_objective). Stage 2 is matched,
+    # sampled and encoded with c.targets and weighed with c.loss.box_weight; the first level's
+    # anchor size (anchors.sizes[0][0]) sets stage 1's level assignment. mmdetection's values.
+    c.cascade = ml_collections.ConfigDict()
+    c.cascade.stage1_dilation = 3  # dilation of stage 1's 3x3 convolution
+    c.cascade.stage1_weights = (10.0, 10.0, 2.0, 2.0)  # stage 1's box coder (1 / target stds)
+    c.cascade.stage1_box_weight = 10.0  # weight of stage 1's IoU loss
+    c.cascade.center_ratio = 0.2  # stage 1: positive if the anchor centre is in this region
+    c.cascade.ignore_ratio = 0.5  # ... ignored if in this one (and on adjacent levels)
+    c.cascade.low_quality_min_iou = 0.3  # stage 2: best-anchor positives need this IoU
 
     # Proposals (jax_rpn.proposals).
     c.proposals = ml_collections.ConfigDict()

@@ -11,8 +11,8 @@ import ml_collections
 from jax_rpn import interop, losses, optim, parallel
 from jax_rpn.models.fpn import P6_MODES
 from jax_rpn.models.norm import NORMS
-from jax_rpn.models.rpn import BACKBONES, DTYPES, MAX_FREEZE_AT, size_divisibility
-from jax_rpn.settings import AnchorSettings, PixelSettings
+from jax_rpn.models.rpn import BACKBONES, DTYPES, HEADS, MAX_FREEZE_AT, size_divisibility
+from jax_rpn.settings import AnchorSettings, CascadeSettings, PixelSettings
 
 
 def _require(ok: bool, field: str, expected: str, value) -> None:
@@ -141,6 +141,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of(config, "model.objectness", losses.OBJECTNESS_KINDS)
     _one_of(config, "model.dtype", DTYPES)
     _one_of(config, "loss.box", losses.BOX_KINDS)
+    _one_of(config, "model.head", HEADS)
     _one_of(config, "optim.name", optim.OPTIMIZERS)
     _one_of(config, "optim.schedule", optim.SCHEDULES)
     o = config.optim
@@ -170,9 +171,42 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(p.min_size >= 0, "proposals.min_size", ">= 0", p.min_size)
 
     try:
-        AnchorSettings.from_config(config)
+        anchors = AnchorSettings.from_config(config)
     except ValueError as e:
         raise ValueError(f"config.anchors: {e}") from None
+    if config.model.head == "cascade":
+        _require(
+            anchors.num_cell_anchors == 1,
+            "anchors.sizes/aspect_ratios",
+            'one anchor per cell with model.head = "cascade" (one size per level, one ratio)',
+            (config.anchors.sizes, config.anchors.aspect_ratios),
+        )
+        _one_of(config, "model.objectness", ("sigmoid",))
+        c = CascadeSettings.from_config(config)
+        _require(
+            0 < c.center_ratio <= c.ignore_ratio <= 1,
+            "cascade.center_ratio/ignore_ratio",
+            "0 < center_ratio <= ignore_ratio <= 1",
+            (c.center_ratio, c.ignore_ratio),
+        )
+        _require(
+            len(c.stage1_weights) == 4 and min(c.stage1_weights) > 0,
+            "cascade.stage1_weights",
+            "4 positive numbers (wx, wy, ww, wh)",
+            c.stage1_weights,
+        )
+        _require(
+            0 <= c.low_quality_min_iou <= 1,
+            "cascade.low_quality_min_iou",
+            "in [0, 1]",
+            c.low_quality_min_iou,
+        )
+        _require(
+            isinstance(config.cascade.stage1_dilation, int) and config.cascade.stage1_dilation > 0,
+            "cascade.stage1_dilation",
+            "a positive integer",
+            config.cascade.stage1_dilation,
+        )
     n = jax.device_count()
     _require(
         config.batch_size % n == 0,

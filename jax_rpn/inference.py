@@ -7,17 +7,31 @@ import ml_collections
 
 from jax_rpn import proposals
 from jax_rpn.models import RPNOutput, build_rpn, flatten_outputs, foreground_logit
+from jax_rpn.models.cascade_head import CascadeRPNOutput
 from jax_rpn.settings import ProposalSettings
 
 
 def proposals_from_outputs(
-    outputs: RPNOutput, image_hw: jax.Array, *, settings: ProposalSettings, objectness: str
+    outputs: RPNOutput | CascadeRPNOutput,
+    image_hw: jax.Array,
+    *,
+    settings: ProposalSettings,
+    objectness: str,
 ) -> proposals.Proposals:
     """Fixed-size proposals of a batch from RPN outputs -> :class:`proposals.Proposals` ``[B]``.
 
     ``image_hw [B, 2]`` are the true (unpadded) image sizes; ``objectness`` is the head's form
-    (``sigmoid``, or ``softmax`` scored by its foreground - background logit).
+    (``sigmoid``, or ``softmax`` scored by its foreground - background logit). Cascade RPN
+    outputs are decoded against each image's refined anchors.
     """
+    if isinstance(outputs, CascadeRPNOutput):
+        b = image_hw.shape[0]
+        return jax.vmap(functools.partial(proposals.generate, **settings.kwargs()))(
+            list(outputs.refined_anchors),  # L x [B, Nl, 4]
+            [o.reshape(b, -1) for o in outputs.objectness],  # L x [B, Nl]
+            [d.reshape(b, -1, 4) for d in outputs.deltas],  # L x [B, Nl, 4]
+            image_hw,
+        )
     flat = flatten_outputs(outputs)
     logits = tuple(foreground_logit(o, objectness) for o in flat.objectness_per_level)  # [B, Nl]
     return proposals.generate_batch(
@@ -29,7 +43,7 @@ def proposals_from_images(
     model, variables, images, image_hw, *, settings: ProposalSettings
 ) -> proposals.Proposals:
     """Run ``model`` (an :class:`jax_rpn.models.RPN`) in inference mode and make proposals."""
-    outputs = model.apply(variables, images, train=False)
+    outputs = model.apply(variables, images, train=False, image_hw=image_hw)
     return proposals_from_outputs(outputs, image_hw, settings=settings, objectness=model.objectness)
 
 

@@ -1,4 +1,4 @@
-"""RPN losses: objectness (sigmoid or 2-class softmax) and box regression (smooth-L1 or GIoU).
+"""RPN losses: objectness (sigmoid or 2-class softmax) and box regression (smooth-L1, GIoU, IoU).
 
 Labels follow :func:`jax_rpn.targets.anchor_targets`: 1 sampled positive, 0 sampled negative,
 anything else ignored. :func:`objectness_loss` and :func:`box_loss` return sums over every
@@ -16,7 +16,7 @@ import optax
 from jax_rpn import boxes as box_ops
 
 OBJECTNESS_KINDS = ("sigmoid", "softmax")
-BOX_KINDS = ("smooth_l1", "giou")
+BOX_KINDS = ("smooth_l1", "giou", "iou")
 
 
 def objectness_loss(logits: jax.Array, labels: jax.Array, *, kind: str = "sigmoid") -> jax.Array:
@@ -76,8 +76,10 @@ def box_loss(
       kind: ``"smooth_l1"`` on the deltas, summed over the 4 coordinates (``beta=0`` is L1,
         detectron2's RPN default); or ``"giou"``: ``1 - GIoU`` of the xyxy boxes decoded from
         both against ``anchors`` (as detectron2's ``giou_loss``; predictions get the decoder's
-        ``dw, dh`` clamp, targets are decoded exactly).
-      anchors: xyxy ``[..., 4]`` broadcastable to ``pred_deltas`` (``[N, 4]``); needed for giou.
+        ``dw, dh`` clamp, targets are decoded exactly); or ``"iou"``: ``1 - IoU`` of the same
+        boxes (mmdetection's ``IoULoss(linear=True)`` with ``reg_decoded_bbox``).
+      anchors: xyxy ``[..., 4]`` broadcastable to ``pred_deltas`` (``[N, 4]``); needed for giou
+        and iou.
       weights: box coder weights used to encode the targets.
     """
     labels = jnp.asarray(labels)
@@ -95,13 +97,14 @@ def box_loss(
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
         loss = jnp.sum(smooth_l1(pred - target, beta=beta), axis=-1)  # [...]
-    elif kind == "giou":
+    elif kind in ("giou", "iou"):
         if anchors is None:
-            raise ValueError('anchors [N, 4] are needed for kind="giou"')
+            raise ValueError(f'anchors [N, 4] are needed for kind="{kind}"')
         anchors = jnp.asarray(anchors, jnp.float32)
         pred_boxes = box_ops.decode(anchors, pred, weights=weights)  # [..., 4]
         target_boxes = box_ops.decode(anchors, target, weights=weights, scale_clamp=math.inf)
-        loss = 1.0 - box_ops.aligned_giou(pred_boxes, target_boxes)  # [...]
+        overlap = box_ops.aligned_giou if kind == "giou" else box_ops.aligned_iou
+        loss = 1.0 - overlap(pred_boxes, target_boxes)  # [...]
     else:
         raise ValueError(f"kind must be one of {BOX_KINDS}, got {kind!r}")
     return jnp.sum(jnp.where(positive, loss, 0.0))

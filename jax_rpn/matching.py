@@ -106,7 +106,7 @@ def _pack_bits(flags):
     return jnp.sum(words << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
 
 
-def _scan_chunks(anchors, inside, gt_boxes, gt_use, gt_ign, chunk, with_ignore):
+def _scan_chunks(anchors, inside, gt_boxes, gt_use, gt_ign, chunk, with_ignore, min_best):
     """Per-anchor best IoU, argmax, low-quality flag and best ignored IoF (module doc)."""
     num_anchors, num_gt = anchors.shape[0], gt_boxes.shape[0]
     num_chunks = -(-num_anchors // chunk)
@@ -149,7 +149,8 @@ def _scan_chunks(anchors, inside, gt_boxes, gt_use, gt_ign, chunk, with_ignore):
     # chunk_best [K, Gw], ties [K, C, W]. A ground truth's overall best, and the chunks that
     # reach it; an anchor tied at its chunk's best there is tied at the overall best.
     gt_best = jnp.max(chunk_best, axis=0)  # [Gw]
-    reached = _pack_bits((chunk_best == gt_best[None, :]) & (gt_best[None, :] > 0.0))  # [K, W]
+    best_ok = (gt_best > 0.0) & (gt_best >= min_best)  # [Gw]
+    reached = _pack_bits((chunk_best == gt_best[None, :]) & best_ok[None, :])  # [K, W]
     low_quality = jnp.any((ties & reached[:, None, :]) != 0, axis=-1)  # [K, C]
 
     def flat(x):
@@ -166,6 +167,7 @@ def match(
     high: float = 0.7,
     low: float = 0.3,
     allow_low_quality: bool = True,
+    low_quality_min_iou: float = 0.0,
     gt_ignore: jax.Array | None = None,
     ignore_iof: float | None = None,
     image_hw=None,
@@ -181,6 +183,8 @@ def match(
         non-finite boxes are also treated as invalid.
       high, low: IoU thresholds, ``0 <= low <= high <= 1``.
       allow_low_quality: also make each ground truth's best anchors (ties included) positive.
+      low_quality_min_iou: ... only for ground truth whose best IoU is at least this
+        (mmdetection's ``min_pos_iou``; 0: any overlap).
       gt_ignore: optional bool (or integer) ``[G]``: crowd / difficult boxes, dropped from
         matching.
       ignore_iof: optional threshold in (0, 1]; background anchors whose intersection with an
@@ -198,6 +202,8 @@ def match(
       outside the border).
     """
     check_thresholds(high, low)
+    if not 0.0 <= low_quality_min_iou <= 1.0:
+        raise ValueError(f"low_quality_min_iou must be in [0, 1], got {low_quality_min_iou}")
     if ignore_iof is not None and not 0.0 < ignore_iof <= 1.0:
         raise ValueError(f"ignore_iof must be None or in (0, 1], got {ignore_iof}")
     if border is not None:
@@ -231,7 +237,14 @@ def match(
     with_ignore = gt_ignore is not None and ignore_iof is not None
     chunk = auto_anchor_chunk(num_anchors, num_gt) if anchor_chunk is None else int(anchor_chunk)
     best, matched_gt, low_quality, ign_iof = _scan_chunks(
-        anchors, inside, gt_boxes, gt_use, gt_ign, min(chunk, num_anchors), with_ignore
+        anchors,
+        inside,
+        gt_boxes,
+        gt_use,
+        gt_ign,
+        min(chunk, num_anchors),
+        with_ignore,
+        low_quality_min_iou,
     )
 
     labels = jnp.where(best >= high, 1, jnp.where(best >= low, -1, 0))  # [N]

@@ -149,7 +149,7 @@ class LossSettings:
     """How the objective weighs and shapes the losses (``jax_rpn.losses.rpn_losses``)."""
 
     objectness: str = "sigmoid"  # the head's objectness form: sigmoid or softmax
-    box: str = "smooth_l1"  # smooth_l1 or giou
+    box: str = "smooth_l1"  # smooth_l1, giou or iou
     beta: float = 0.0  # smooth-L1 beta (0 = L1)
     box_weight: float = 1.0  # loss = objectness + box_weight * box
 
@@ -161,6 +161,32 @@ class LossSettings:
             box=config.loss.box,
             beta=float(config.loss.beta),
             box_weight=float(config.loss.box_weight),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CascadeSettings:
+    """Cascade RPN's stage 1 and its stage-2 extra (``jax_rpn.cascade_objective``); stage 2
+    otherwise uses :class:`TargetSettings` and :class:`LossSettings`."""
+
+    anchor_size: float = 32.0  # the first level's anchor side (level assignment of stage 1)
+    center_ratio: float = 0.2
+    ignore_ratio: float = 0.5
+    stage1_weights: tuple[float, float, float, float] = (10.0, 10.0, 2.0, 2.0)
+    stage1_box_weight: float = 10.0
+    low_quality_min_iou: float = 0.3
+
+    @classmethod
+    def from_config(cls, config) -> CascadeSettings:
+        """From ``config.cascade`` and ``config.anchors.sizes`` (its first level's size)."""
+        c = config.cascade
+        return cls(
+            anchor_size=float(AnchorSettings.from_config(config).sizes[0][0]),
+            center_ratio=float(c.center_ratio),
+            ignore_ratio=float(c.ignore_ratio),
+            stage1_weights=tuple(float(w) for w in c.stage1_weights),
+            stage1_box_weight=float(c.stage1_box_weight),
+            low_quality_min_iou=float(c.low_quality_min_iou),
         )
 
 

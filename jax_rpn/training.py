@@ -25,12 +25,19 @@ from tqdm.auto import tqdm
 from jax_rpn import checkpoints as checkpoints_lib
 from jax_rpn import config_checks, inference, interop, parallel, recall, viz
 from jax_rpn import workdir as workdir_lib
+from jax_rpn.cascade_objective import cascade_objective
 from jax_rpn.data import pipeline
 from jax_rpn.data.augment import denormalize
 from jax_rpn.models import build_rpn, frozen_parameters, init_variables
 from jax_rpn.objective import rpn_objective
 from jax_rpn.optim import create_optimizer
-from jax_rpn.settings import LossSettings, PixelSettings, ProposalSettings, TargetSettings
+from jax_rpn.settings import (
+    CascadeSettings,
+    LossSettings,
+    PixelSettings,
+    ProposalSettings,
+    TargetSettings,
+)
 
 
 @flax.struct.dataclass
@@ -81,11 +88,15 @@ def make_train_step(config, model, tx, schedule):
     """
     mutable = list(model_state_collections(config))
     frozen = frozen_parameters(config.model.backbone, config.model.freeze_at)
-    objective = functools.partial(
-        rpn_objective,
-        targets_settings=TargetSettings.from_config(config),
-        loss_settings=LossSettings.from_config(config),
-    )
+    settings = {
+        "targets_settings": TargetSettings.from_config(config),
+        "loss_settings": LossSettings.from_config(config),
+    }
+    if config.model.head == "cascade":
+        settings["cascade_settings"] = CascadeSettings.from_config(config)
+        objective = functools.partial(cascade_objective, **settings)
+    else:
+        objective = functools.partial(rpn_objective, **settings)
 
     def train_step(state, batch):
         keys = _image_keys(state.key, state.step, batch["image"].shape[0])
@@ -100,7 +111,11 @@ def make_train_step(config, model, tx, schedule):
                 )
             variables = {"params": params, **state.model_state}
             outputs, new_model_state = model.apply(
-                variables, batch["image"], train=True, mutable=mutable
+                variables,
+                batch["image"],
+                train=True,
+                image_hw=batch["image_hw"],
+                mutable=mutable,
             )
             loss, metrics = objective(outputs, batch, keys)
             return loss, (metrics, new_model_state)

@@ -164,6 +164,11 @@ def to_torchvision(variables, config, *, backbone_only: bool = False) -> dict:
     ...}, strict=False)``: ``roi_heads.*`` and ``num_batches_tracked`` are not written.
     ``from_torchvision`` of the result gives ``variables`` back exactly.
     """
+    if not backbone_only and config.model.head == "cascade":
+        raise ValueError(
+            "torchvision has no Cascade RPN head (config.model.head='cascade'); pass "
+            "backbone_only=True to write the backbone"
+        )
     if not backbone_only and not config.model.fpn:
         raise ValueError(
             "torchvision has no RPN without FPN; pass backbone_only=True to write the backbone"

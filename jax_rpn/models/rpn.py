@@ -34,6 +34,7 @@ import numpy as np
 from flax import struct
 
 from jax_rpn.models import resnet, vgg
+from jax_rpn.models.cascade_head import CascadeHead, CascadeRPNOutput
 from jax_rpn.models.fpn import FPN
 from jax_rpn.models.head import RPNHead
 from jax_rpn.models.resnet import STAGES, ResNet
@@ -41,6 +42,7 @@ from jax_rpn.models.vgg import VGG16
 from jax_rpn.settings import AnchorSettings
 
 BACKBONES = tuple(f"resnet{d}" for d in STAGES) + ("vgg16",)
+HEADS = ("standard", "cascade")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MAX_FREEZE_AT = 5  # ResNet: stem + 4 stages; VGG-16: 5 blocks
 
@@ -187,6 +189,10 @@ class RPN(nn.Module):
       head_convs, head_dim: shared 3x3 convolutions of the head and their channels (None =
         the feature channels).
       objectness: ``sigmoid`` or ``softmax``.
+      head_type: ``standard`` (:class:`jax_rpn.models.head.RPNHead`) or ``cascade``
+        (:class:`jax_rpn.models.cascade_head.CascadeHead`: A = 1, sigmoid objectness,
+        ``head_dim`` channels, ``cascade_dilation`` and ``cascade_weights`` for stage 1; the
+        module then returns a :class:`jax_rpn.models.cascade_head.CascadeRPNOutput`).
       strides, sizes, aspect_ratios, offset, convention: the anchors, as
         ``jax_rpn.anchors.multilevel_anchors`` takes them (see :attr:`anchor_settings`).
       pixel_mean, pixel_std: optional per-channel normalisation ``(x - mean) / std`` applied
@@ -208,6 +214,9 @@ class RPN(nn.Module):
     head_convs: int = 1
     head_dim: int | None = None
     objectness: str = "sigmoid"
+    head_type: str = "standard"
+    cascade_dilation: int = 3
+    cascade_weights: tuple[float, ...] = (10.0, 10.0, 2.0, 2.0)
     strides: tuple[int, ...] = (4, 8, 16, 32, 64)
     sizes: tuple = ((32,), (64,), (128,), (256,), (512,))
     aspect_ratios: tuple = (0.5, 1.0, 2.0)
@@ -250,13 +259,30 @@ class RPN(nn.Module):
         self.levels = tuple(features.strides)
         self.feature_strides = tuple(features.strides.values())
         self._check_levels()
-        self.head = RPNHead(
-            num_anchors=self.anchor_settings.num_cell_anchors,
-            num_convs=self.head_convs,
-            conv_dim=self.head_dim,
-            objectness=self.objectness,
-            dtype=self.dtype,
-        )
+        a = self.anchor_settings.num_cell_anchors
+        if self.head_type not in HEADS:
+            raise ValueError(f"head_type must be one of {HEADS}, got {self.head_type!r}")
+        if self.head_type == "cascade":
+            if a != 1 or self.objectness != "sigmoid":
+                raise ValueError(
+                    f"the cascade head takes one anchor per cell (anchors.sizes one size per "
+                    f"level, aspect_ratios one ratio: A = 1, got A = {a}) and sigmoid "
+                    f"objectness (got {self.objectness!r})"
+                )
+            self.head = CascadeHead(
+                conv_dim=self.head_dim,
+                stage1_dilation=self.cascade_dilation,
+                stage1_weights=self.cascade_weights,
+                dtype=self.dtype,
+            )
+        else:
+            self.head = RPNHead(
+                num_anchors=a,
+                num_convs=self.head_convs,
+                conv_dim=self.head_dim,
+                objectness=self.objectness,
+                dtype=self.dtype,
+            )
 
     @property
     def anchor_settings(self) -> AnchorSettings:
@@ -320,11 +346,16 @@ class RPN(nn.Module):
             features = self.neck(features, train=train)
         return [features[name] for name in self.levels]
 
-    def __call__(self, images: jax.Array, *, train: bool) -> RPNOutput:
-        """``images`` ``[B, H, W, 3]`` (H, W divisible by :func:`size_divisibility`) -> RPNOutput.
+    def __call__(
+        self, images: jax.Array, *, train: bool, image_hw: jax.Array | None = None
+    ) -> RPNOutput | CascadeRPNOutput:
+        """``images`` ``[B, H, W, 3]`` (H, W divisible by :func:`size_divisibility`) -> RPNOutput
+        (``head_type="cascade"``: CascadeRPNOutput).
 
         ``train`` selects batch statistics for ``batch_norm`` (then apply with
-        ``mutable=["batch_stats"]``); other norms ignore it.
+        ``mutable=["batch_stats"]``); other norms ignore it. ``image_hw [B, 2]``: the true
+        image sizes inside the padding, to which the cascade head clips its refined anchors
+        (None: the padded size); the standard head does not use it.
         """
         h, w = self._check_images(images)
         maps = self.features(images, train=train)
@@ -334,13 +365,30 @@ class RPN(nn.Module):
             raise ValueError(
                 f"feature sizes {hws} != ceil(image size / strides) {anchors.feature_hws((h, w))}"
             )
+        level_anchors = tuple(anchors.for_image((h, w)))
+        strides = tuple(int(s) for s in self.feature_strides)
+        if self.head_type == "cascade":
+            if image_hw is None:
+                image_hw = jnp.tile(jnp.array([h, w], jnp.int32), (images.shape[0], 1))
+            stage1_deltas, refined, objectness, deltas = self.head(
+                maps, level_anchors, strides, image_hw
+            )
+            return CascadeRPNOutput(
+                objectness=objectness,
+                deltas=deltas,
+                anchors=level_anchors,
+                stage1_deltas=stage1_deltas,
+                refined_anchors=refined,
+                features=tuple(maps),
+                strides=strides,
+            )
         objectness, deltas = self.head(maps)
         return RPNOutput(
             objectness=objectness,
             deltas=deltas,
-            anchors=tuple(anchors.for_image((h, w))),
+            anchors=level_anchors,
             features=tuple(maps),
-            strides=tuple(int(s) for s in self.feature_strides),
+            strides=strides,
         )
 
     @classmethod
@@ -370,6 +418,9 @@ def build_rpn(config, *, axis_name: str | None = None) -> RPN:
         head_convs=m.head_convs,
         head_dim=m.head_dim,
         objectness=m.objectness,
+        head_type=m.head,
+        cascade_dilation=int(config.cascade.stage1_dilation),
+        cascade_weights=tuple(float(w) for w in config.cascade.stage1_weights),
         strides=a.strides,
         sizes=a.sizes,
         aspect_ratios=a.aspect_ratios,

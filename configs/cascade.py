@@ -1,0 +1,34 @@
+"""Cascade RPN on the embedded shapes data: ``configs/default.py`` with ``model.head = "cascade"``.
+
+mmdetection's ``cascade-rpn_r50-caffe_fpn_1x_coco`` (``configs/coco_r50_fpn_cascade.py``) at
+the default's scale. What differs from the default:
+
+- one square anchor per cell, the default's smallest size per level (16..256 px: 4 x stride,
+  mmdetection's ``scales=[8]`` halved for these small images);
+- both stages' 3x3 convolutions 32 channels wide (64, the FPN's width, makes the train step
+  1.57x the default's instead of 1.28x);
+- stage 2 as mmdetection: matched at IoU 0.7 / 0.7, coder weights (20, 20, 10, 10), IoU loss
+  of weight 10; proposals with mmdetection's NMS 0.8;
+- stage 1's loss weight 0.6 instead of 10: mmdetection divides stage 1's loss by B * N / 200
+  (N anchors per image, ~89.5k at 800x1344: 895 for its 2 images per GPU) and stage 2's by
+  the 512 sampled anchors, so a stage-1 positive weighs 0.57x a stage-2 positive. A 256x256
+  image has N = 5456: weight 10 would make that 9.4x, 0.6 keeps mmdetection's balance.
+"""
+
+from configs import default
+
+
+def get_config():
+    c = default.get_config()
+    c.model.head = "cascade"
+    c.model.head_dim = 32
+    c.anchors.sizes = ((16,), (32,), (64,), (128,), (256,))
+    c.anchors.aspect_ratios = (1.0,)
+    c.cascade.stage1_box_weight = 0.6
+    c.targets.high = 0.7
+    c.targets.low = 0.7
+    c.targets.weights = (20.0, 20.0, 10.0, 10.0)
+    c.loss.box = "iou"
+    c.loss.box_weight = 10.0
+    c.proposals.nms_threshold = 0.8
+    return c
