@@ -26,8 +26,6 @@ config only, fewer steps; ``--set model.head_dim=16``, repeatable: change a conf
 """
 
 import argparse
-import ast
-import importlib
 import json
 import os
 import subprocess
@@ -41,7 +39,6 @@ if not __package__:  # run as a file: make the repository root importable
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
@@ -49,7 +46,7 @@ from benchmarks import common  # noqa: E402
 # name -> (config module, overrides): coco_r50_fpn shrunk to something a 2-core CPU can step.
 CONFIGS = {
     "default": ("configs.default", {}),
-    "coco_r50_fpn": ("configs.coco_r50_fpn", {"pad_to": (256, 384), "batch_size": 2}),
+    "coco_r50_fpn": ("configs.coco_r50_fpn", {"data.pad_to": (256, 384), "batch_size": 2}),
 }
 
 
@@ -57,41 +54,7 @@ def load_config(name: str, settings: tuple[str, ...] = ()):
     """The named config with its CPU-size overrides, then ``settings`` ("field.path=value",
     the value parsed as a Python literal, e.g. ``model.head_dim=16``) applied."""
     module, overrides = CONFIGS[name]
-    config = importlib.import_module(module).get_config()
-    if "pad_to" in overrides:
-        config.data.pad_to = overrides["pad_to"]
-    if "batch_size" in overrides:
-        config.batch_size = overrides["batch_size"]
-    for setting in settings:
-        path, sep, value = setting.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects field.path=value, got {setting!r}")
-        *parents, field = path.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[field] = ast.literal_eval(value)
-    return config
-
-
-def random_batch(config, seed: int = 0) -> dict:
-    """A batch with the input pipeline's structure: images ``[B, H, W, 3]``, xyxy ``boxes
-    [B, G, 4]`` (8 valid per image, the rest padding), ``valid``/``ignore`` ``[B, G]``,
-    ``image_hw [B, 2]``, ``example_valid [B]``, ``num_dropped [B]``, ``index [B]``."""
-    rng = np.random.default_rng(seed)
-    b, (h, w), g = config.batch_size, config.data.pad_to, config.data.max_boxes
-    valid = np.zeros((b, g), bool)
-    valid[:, : min(g, 8)] = True
-    return {
-        "image": rng.normal(0.0, 1.0, (b, h, w, 3)).astype(np.float32),
-        "boxes": common.random_gt_boxes(rng, b, g, (h, w)) * valid[..., None],
-        "valid": valid,
-        "ignore": np.zeros((b, g), bool),
-        "image_hw": np.tile(np.array([h, w], np.int32), (b, 1)),
-        "num_dropped": np.zeros((b,), np.int32),
-        "example_valid": np.ones((b,), bool),
-        "index": np.arange(b, dtype=np.int32),
-    }
+    return common.load_config(module, overrides, settings)
 
 
 def make_partial_step(config, model, tx, *, upto: str):
@@ -152,7 +115,7 @@ def build(config, *, variant: str = "full"):
     step = parallel.parallelize(
         per_device, mode=config.parallelism, mesh=mesh, replicated_out=(True, True)
     )
-    batch = parallel.shard_batch(random_batch(config), mode=config.parallelism, mesh=mesh)
+    batch = parallel.shard_batch(common.random_batch(config), mode=config.parallelism, mesh=mesh)
     return step, state, batch
 
 
