@@ -47,11 +47,8 @@ def main(argv):
     from jax_rpn import parallel, training
 
     distributed = _DISTRIBUTED.value or _COORDINATOR.value
-    if not distributed and "xla_force_host_platform_device_count" not in os.environ.get(
-        "XLA_FLAGS", ""
-    ):
-        cpu_devices = _CPU_DEVICES.value or parallel.cpu_devices_for(_CONFIG.value.batch_size)
-        jax.config.update("jax_num_cpu_devices", cpu_devices)
+    if not distributed:
+        parallel.split_cpu(_CONFIG.value.batch_size, requested=_CPU_DEVICES.value)
     if distributed:
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,

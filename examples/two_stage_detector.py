@@ -28,8 +28,9 @@ from jax_rpn import boxes, losses, matching, sampling  # noqa: E402
 from jax_rpn.data import pipeline  # noqa: E402
 from jax_rpn.inference import proposals_from_outputs  # noqa: E402
 from jax_rpn.models import build_rpn  # noqa: E402
+from jax_rpn.objective import rpn_objective  # noqa: E402
 from jax_rpn.roi_align import multilevel_roi_align  # noqa: E402
-from jax_rpn.rpn_loss import rpn_loss  # noqa: E402
+from jax_rpn.settings import RPNSettings  # noqa: E402
 
 NUM_ROI_LEVELS = 4  # RoIAlign pools from P2..P5, the first 4 RPN levels (detectron2)
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # second-stage box coder weights (detectron2)
@@ -63,11 +64,17 @@ class TwoStage(nn.Module):
 
     def setup(self):
         self.rpn = build_rpn(self.config)
+        self.settings = RPNSettings.from_config(self.config)
         self.box_head = BoxHead(self.num_classes)
 
     def __call__(self, images, image_hw, gt_boxes=None, gt_valid=None, *, train):
         outputs = self.rpn(images, train=train)
-        props = proposals_from_outputs(outputs, image_hw, config=self.config, train=train)
+        props = proposals_from_outputs(
+            outputs,
+            image_hw,
+            settings=self.settings.train_proposals if train else self.settings.test_proposals,
+            objectness=self.rpn.objectness,
+        )
         rois, valid = jax.lax.stop_gradient(props.boxes), props.valid  # [B, K, 4], [B, K]
         if gt_boxes is not None:
             rois = jnp.concatenate([rois, gt_boxes], axis=1)  # [B, R, 4]
@@ -93,7 +100,7 @@ def roi_targets(key, rois, roi_valid, gt_boxes, gt_classes, gt_valid):
     return classes, boxes.encode(rois, gt_boxes[matched], weights=BOX_WEIGHTS)  # [R], [R, 4]
 
 
-def loss_fn(params, state, batch, key, *, model, config):
+def loss_fn(params, state, batch, key, *, model, settings):
     """RPN loss + second-stage cross-entropy and smooth-L1, normalised by the sampled ROIs."""
     rpn_key, roi_key = jax.random.split(key)
     gt_use = batch["valid"] & ~batch["ignore"]  # [B, G]
@@ -105,7 +112,9 @@ def loss_fn(params, state, batch, key, *, model, config):
         gt_use,
         train=True,
     )
-    rpn, _ = rpn_loss(outputs, batch, rpn_key, config=config)
+    rpn, _ = rpn_objective(
+        outputs, batch, rpn_key, targets_settings=settings.targets, loss_settings=settings.loss
+    )
     keys = jax.random.split(roi_key, rois.shape[0])
     classes, targets = jax.vmap(roi_targets)(
         keys, rois, valid, batch["boxes"], batch["labels"], gt_use
@@ -153,7 +162,8 @@ def main(argv=None) -> dict:
     @jax.jit
     def train_step(params, state, opt_state, batch, key):
         grad_fn = jax.value_and_grad(
-            functools.partial(loss_fn, model=model, config=config), has_aux=True
+            functools.partial(loss_fn, model=model, settings=RPNSettings.from_config(config)),
+            has_aux=True,
         )
         (loss, parts), grads = grad_fn(params, state, batch, key)
         updates, opt_state = tx.update(grads, opt_state, params)

@@ -1,5 +1,9 @@
 """Box operations: area, IoU, GIoU, clipping, validity and the box coder.
 
+``pairwise_*`` functions compare every box of one set with every box of another (torchvision's
+``box_iou``); ``aligned_*`` functions compare boxes at the same index (scenic's
+``all_pairs=False``).
+
 Every box is ``[x1, y1, x2, y2]`` in absolute pixels, float32, with ``x1 <= x2`` and
 ``y1 <= y2``. Shapes: ``[..., 4]`` means any leading batch dimensions.
 """
@@ -35,29 +39,37 @@ def _intersection_union(boxes1, boxes2):
     return inter, union
 
 
-def iou(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
-    """Pairwise IoU of xyxy ``boxes1 [N, 4]`` and ``boxes2 [M, 4]`` -> ``[N, M]``.
+def _ratio(part, whole):
+    """``part / whole``, 0 where ``whole`` is 0 (with a finite gradient there)."""
+    return jnp.where(whole > 0, part / jnp.where(whole > 0, whole, 1.0), 0.0)
+
+
+def pairwise_iou(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
+    """IoU of every pair of xyxy ``boxes1 [N, 4]`` and ``boxes2 [M, 4]`` -> ``[N, M]``.
 
     A pair whose union is 0 (two empty boxes) has IoU 0, never NaN.
     """
-    inter, union = _intersection_union(boxes1[:, None, :], boxes2[None, :, :])  # [N, M]
-    return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+    return _ratio(*_intersection_union(boxes1[:, None, :], boxes2[None, :, :]))  # [N, M]
 
 
-def giou(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
-    """Generalized IoU of aligned xyxy boxes ``[..., 4]`` and ``[..., 4]`` -> ``[...]``.
+def aligned_iou(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
+    """IoU of aligned xyxy boxes: ``boxes1[i]`` with ``boxes2[i]``, ``[..., 4]`` and ``[..., 4]``
+    -> ``[...]``. A pair whose union is 0 has IoU 0."""
+    return _ratio(*_intersection_union(boxes1, boxes2))
+
+
+def aligned_giou(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
+    """Generalized IoU of aligned xyxy boxes: ``boxes1[i]`` with ``boxes2[i]``, ``[..., 4]`` and
+    ``[..., 4]`` -> ``[...]``.
 
     In [-1, 1]; pairs of empty boxes give 0 (their IoU) instead of NaN.
     """
     inter, union = _intersection_union(boxes1, boxes2)
-    safe_union = jnp.where(union > 0, union, 1.0)
-    iou_ = jnp.where(union > 0, inter / safe_union, 0.0)
     lt = jnp.minimum(boxes1[..., :2], boxes2[..., :2])
     rb = jnp.maximum(boxes1[..., 2:], boxes2[..., 2:])
     wh = jnp.maximum(rb - lt, 0.0)
     hull = wh[..., 0] * wh[..., 1]
-    penalty = jnp.where(hull > 0, (hull - union) / jnp.where(hull > 0, hull, 1.0), 0.0)
-    return iou_ - penalty
+    return _ratio(inter, union) - _ratio(hull - union, hull)
 
 
 def clip(boxes: jax.Array, image_hw) -> jax.Array:

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from jax_rpn import anchors as anchor_ops
 from jax_rpn import boxes as box_ops
 from jax_rpn import matching, viz
+from jax_rpn.settings import AnchorSettings, TargetSettings
 
 CATEGORIES = ("high", "low_quality_only", "none")
 # COCO's size classes by box area (px^2), as half-open ranges so each box is in one.
@@ -96,7 +97,7 @@ def best_anchor_iou(
     gt_ok = box_ops.is_valid(gt_boxes)  # [M]
 
     def step(best, chunk_anchors):  # [M], [C, 4]
-        iou = box_ops.iou(chunk_anchors, gt_boxes)  # [C, M]
+        iou = box_ops.pairwise_iou(chunk_anchors, gt_boxes)  # [C, M]
         if border is not None:
             inside = jax.vmap(
                 lambda hw: matching.inside_image(chunk_anchors, hw, float(border)), out_axes=1
@@ -243,56 +244,33 @@ class BoxCoverage:
     num_positive: np.ndarray  # int32 [M]: positive anchors the matcher assigns; -1: not counted
 
 
-def config_anchors(config, *, sizes=None, aspect_ratios=None) -> np.ndarray:
-    """All anchors of ``config.anchors`` for the padded image ``config.data.pad_to`` -> ``[N, 4]``.
-
-    ``sizes`` / ``aspect_ratios`` replace the config's (same format) when given.
-    """
-    a = config.anchors
-    pad_h, pad_w = (int(s) for s in config.data.pad_to)
-    levels = anchor_ops.multilevel_anchors(
-        [(pad_h // int(s), pad_w // int(s)) for s in a.strides],
-        a.strides,
-        a.sizes if sizes is None else sizes,
-        a.aspect_ratios if aspect_ratios is None else aspect_ratios,
-        offset=a.offset,
-        convention=a.convention,
-    )
-    return np.concatenate(levels, axis=0)  # [N, 4]
-
-
-def _border(config):
-    border = config.targets.get("border", -1.0)
-    return None if border is None or border < 0 else float(border)
-
-
 def compute_coverage(
     anchors,
     gt: GroundTruth,
     *,
-    config,
+    targets: TargetSettings,
     images_per_batch: int = 64,
     progress: bool = True,
     desc: str = "coverage",
     count_positives: bool = True,
 ) -> BoxCoverage:
-    """Coverage of ``gt``'s boxes by xyxy ``anchors [N, 4]`` with ``config.targets``' matcher.
+    """Coverage of ``gt``'s boxes by xyxy ``anchors [N, 4]`` with the matcher of ``targets``.
 
     ``count_positives=False`` skips the matcher (see :func:`batch_coverage`).
     """
     anchors = np.asarray(anchors, np.float32)
     box_ops.check_boxes(anchors, name="anchors")
-    t = config.targets
+    t = targets
     matching.check_thresholds(t.high, t.low)
     num_images, g = gt.valid.shape
     b = max(1, min(images_per_batch, num_images))
     per_step = max(1, min(b, _CHUNK_ELEMENTS // max(len(anchors) * g, 1)))
     fn = functools.partial(
         batch_coverage,
-        high=float(t.high),
-        low=float(t.low),
-        allow_low_quality=bool(t.allow_low_quality),
-        border=_border(config),
+        high=t.high,
+        low=t.low,
+        allow_low_quality=t.allow_low_quality,
+        border=t.border,
         images_per_step=per_step,
         count_positives=count_positives,
     )
@@ -419,7 +397,7 @@ def _centred_iou(wh1, wh2):
     def centred(wh):
         return jnp.concatenate([-wh / 2, wh / 2], axis=-1)  # [M, 4]
 
-    return box_ops.iou(centred(wh1), centred(wh2))
+    return box_ops.pairwise_iou(centred(wh1), centred(wh2))
 
 
 def shape_iou(wh1, wh2) -> np.ndarray:
@@ -785,13 +763,13 @@ def _plain(values):
     return float(values)
 
 
-def _anchor_info(config, anchors, sizes, aspect_ratios):
-    a = config.anchors
-    cells = anchor_ops.level_cell_anchors(a.strides, sizes, aspect_ratios, convention=a.convention)
+def _anchor_info(settings: AnchorSettings, anchors):
+    cells = settings.cell_anchors()
+    ratios = settings.aspect_ratios
     return {
-        "strides": [int(s) for s in a.strides],
-        "sizes": [list(s) for s in anchor_ops.per_level("sizes", _plain(sizes), len(a.strides))],
-        "aspect_ratios": _plain(aspect_ratios),
+        "strides": [int(s) for s in settings.strides],
+        "sizes": _plain(settings.sizes),
+        "aspect_ratios": _plain(ratios[0] if len(set(ratios)) == 1 else ratios),
         "num_cell_anchors": int(cells[0].shape[0]),
         "num_anchors": int(len(anchors)),
         "min_anchor_area": float(np.asarray(box_ops.area(np.concatenate(cells))).min()),
@@ -821,15 +799,16 @@ def run(
     :func:`write_pictures` there.
     """
     gt = load_ground_truth(config, split=split, max_images=max_images, progress=progress)
-    t, a = config.targets, config.anchors
-    anchors = config_anchors(config)
-    kw = {"config": config, "progress": progress, "count_positives": count_positives}
+    t, a = TargetSettings.from_config(config), AnchorSettings.from_config(config)
+    pad_hw = tuple(int(v) for v in config.data.pad_to)
+    anchors = np.concatenate(a.for_image(pad_hw))  # [N, 4]
+    kw = {"targets": t, "progress": progress, "count_positives": count_positives}
     cov = compute_coverage(anchors, gt, desc="current anchors", **kw)
     if cov.boxes.shape[0] == 0:
         raise ValueError("the split has no (non-ignored) ground-truth boxes")
     edges = size_bin_edges(cov.boxes)
     current = summarize(cov, high=t.high, size_edges=edges, worst=worst)
-    current["anchors"] = _anchor_info(config, anchors, a.sizes, a.aspect_ratios)
+    current["anchors"] = _anchor_info(a, anchors)
     coverages = {"current": cov}
     suggested = None
     if suggest:
@@ -842,10 +821,11 @@ def run(
             num_ratios=num_ratios,
             seed=config.seed,
         )
-        new_anchors = config_anchors(config, sizes=s.sizes, aspect_ratios=s.aspect_ratios)
+        new = dataclasses.replace(a, sizes=s.sizes, aspect_ratios=s.aspect_ratios)
+        new_anchors = np.concatenate(new.for_image(pad_hw))  # [N', 4]
         coverages["suggested"] = compute_coverage(new_anchors, gt, desc="suggested anchors", **kw)
         suggested = summarize(coverages["suggested"], high=t.high, size_edges=edges, worst=worst)
-        suggested["anchors"] = _anchor_info(config, new_anchors, s.sizes, s.aspect_ratios)
+        suggested["anchors"] = _anchor_info(new, new_anchors)
         suggested["anchors"]["boxes_per_level"] = list(s.boxes_per_level)
     result = {
         "setup": {
@@ -854,11 +834,11 @@ def run(
             "num_images": int(len(gt.index)),
             "num_ignored": int(np.sum(gt.valid & gt.ignore)),
             "num_dropped": gt.num_dropped,
-            "image_hw": [int(v) for v in config.data.pad_to],
+            "image_hw": list(pad_hw),
             "high": float(t.high),
             "low": float(t.low),
             "allow_low_quality": bool(t.allow_low_quality),
-            "border": _border(config),
+            "border": t.border,
             "convention": a.convention,
         },
         "current": current,

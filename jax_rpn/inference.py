@@ -6,45 +6,37 @@ import jax
 import ml_collections
 
 from jax_rpn import proposals
-from jax_rpn.models import RPNOutput, build_rpn, flatten_outputs
+from jax_rpn.models import RPNOutput, build_rpn, flatten_outputs, foreground_logit
+from jax_rpn.settings import ProposalSettings
 
 
 def proposals_from_outputs(
-    outputs: RPNOutput, image_hw: jax.Array, *, config, train: bool = False
+    outputs: RPNOutput, image_hw: jax.Array, *, settings: ProposalSettings, objectness: str
 ) -> proposals.Proposals:
     """Fixed-size proposals of a batch from RPN outputs -> :class:`proposals.Proposals` ``[B]``.
 
-    ``image_hw [B, 2]`` are the true (unpadded) image sizes; settings from ``config.proposals``
-    (the ``_train`` or ``_test`` top-k), with the softmax form scored by fg - bg logit.
+    ``image_hw [B, 2]`` are the true (unpadded) image sizes; ``objectness`` is the head's form
+    (``sigmoid``, or ``softmax`` scored by its foreground - background logit).
     """
-    p = config.proposals
     flat = flatten_outputs(outputs)
-    objectness = flat.objectness_per_level
-    if config.model.objectness == "softmax":
-        objectness = tuple(o[..., 1] - o[..., 0] for o in objectness)  # [B, Nl]
+    logits = tuple(foreground_logit(o, objectness) for o in flat.objectness_per_level)  # [B, Nl]
     return proposals.generate_batch(
-        flat.anchors_per_level,
-        objectness,
-        flat.deltas_per_level,
-        image_hw,
-        pre_nms_topk=p.pre_nms_topk_train if train else p.pre_nms_topk_test,
-        post_nms_topk=p.post_nms_topk_train if train else p.post_nms_topk_test,
-        nms_threshold=p.nms_threshold,
-        min_size=p.min_size,
-        weights=tuple(config.targets.weights),
+        flat.anchors_per_level, logits, flat.deltas_per_level, image_hw, **settings.kwargs()
     )
 
 
-def proposals_from_images(model, variables, images, image_hw, *, config) -> proposals.Proposals:
+def proposals_from_images(
+    model, variables, images, image_hw, *, settings: ProposalSettings
+) -> proposals.Proposals:
     """Run ``model`` (an :class:`jax_rpn.models.RPN`) in inference mode and make proposals."""
     outputs = model.apply(variables, images, train=False)
-    return proposals_from_outputs(outputs, image_hw, config=config)
+    return proposals_from_outputs(outputs, image_hw, settings=settings, objectness=model.objectness)
 
 
 @functools.lru_cache(maxsize=8)
 def _predict_fn(config: ml_collections.FrozenConfigDict):
-    model = build_rpn(config)
-    return jax.jit(functools.partial(proposals_from_images, model, config=config))
+    settings = ProposalSettings.from_config(config, train=False)
+    return jax.jit(functools.partial(proposals_from_images, build_rpn(config), settings=settings))
 
 
 def predict_proposals(variables, images, image_hw, *, config) -> proposals.Proposals:
@@ -53,7 +45,9 @@ def predict_proposals(variables, images, image_hw, *, config) -> proposals.Propo
     Args:
       variables: the model's variables, ``{"params": ..., "batch_stats": ...}`` (a
         checkpoint's ``state.params`` with ``state.model_state`` merged in).
-      images: float ``[B, H, W, 3]``, normalised as the input pipeline does.
+      images: float ``[B, H, W, 3]``, normalised as the input pipeline does
+        (``jax_rpn.data.augment.normalize``: RGB, ``(pixel - mean) / std`` with ImageNet's
+        mean and std in 0-255 units), zero-padded at the bottom and right.
       image_hw: int ``[B, 2]``, each image's true size inside the padding.
       config: the training config (``model``, ``anchors``, ``proposals``, ``targets``).
 

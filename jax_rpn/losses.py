@@ -101,7 +101,7 @@ def box_loss(
         anchors = jnp.asarray(anchors, jnp.float32)
         pred_boxes = box_ops.decode(anchors, pred, weights=weights)  # [..., 4]
         target_boxes = box_ops.decode(anchors, target, weights=weights, scale_clamp=math.inf)
-        loss = 1.0 - box_ops.giou(pred_boxes, target_boxes)  # [...]
+        loss = 1.0 - box_ops.aligned_giou(pred_boxes, target_boxes)  # [...]
     else:
         raise ValueError(f"kind must be one of {BOX_KINDS}, got {kind!r}")
     return jnp.sum(jnp.where(positive, loss, 0.0))

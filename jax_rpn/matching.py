@@ -116,7 +116,7 @@ def _scan_chunks(anchors, inside, gt_boxes, gt_use, gt_ign, chunk, with_ignore):
 
     def step(_, xs):
         a, a_inside = xs  # [C, 4], [C]
-        raw = box_ops.iou(a, gt_boxes)  # [C, Gw]
+        raw = box_ops.pairwise_iou(a, gt_boxes)  # [C, Gw]
         usable = a_inside[:, None] & gt_use[None, :]
         # Materialised once: every reduction below reads the same bits (a recomputed IoU in
         # another fusion may round differently and break the exact tie test).

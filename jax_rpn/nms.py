@@ -2,7 +2,7 @@
 
 Boxes are ``[x1, y1, x2, y2]`` in absolute pixels, float32. The result equals exact greedy
 NMS at every threshold: boxes are visited in descending score order (ties: lower index
-first) and a box is kept unless its IoU (:func:`jax_rpn.boxes.iou`) with an already kept
+first) and a box is kept unless its IoU (:func:`jax_rpn.boxes.pairwise_iou`) with an already kept
 box is ``> iou_threshold``; visiting stops once ``max_output`` boxes are kept. IoU and the
 comparison are float32 (the threshold is rounded to float32); XLA flushes subnormal floats
 to zero, so subnormal scores tie with 0.
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_rpn.boxes import iou
+from jax_rpn.boxes import pairwise_iou
 
 # Sorted boxes per tile, and kept boxes compared with a tile per inner step. On XLA CPU
 # (benchmarks/nms.py) 128 to 256 are equally fast for RPN-sized inputs; bigger tiles waste
@@ -83,7 +83,7 @@ def _descending_order(scores, valid):
 def _suppresses(boxes1, groups1, boxes2, groups2, iou_threshold):
     """bool ``[T, M]``: box i of ``boxes1 [T, 4]`` and box j of ``boxes2 [M, 4]`` overlap by
     IoU > threshold (and share a group when groups are given)."""
-    over = iou(boxes1, boxes2) > iou_threshold  # [T, M]
+    over = pairwise_iou(boxes1, boxes2) > iou_threshold  # [T, M]
     if groups1 is not None:
         over &= groups1[:, None] == groups2[None, :]
     return over

@@ -23,8 +23,8 @@ def cpu_devices_for(batch_size: int, *, cpu_count: int | None = None) -> int:
     ``batch_size`` not above ``cpu_count`` (default ``os.cpu_count()``).
 
     XLA on CPU runs most of a step's operations on one thread, so one device per core runs
-    the devices' shards side by side (default config on 2 cores: 0.47 s per step instead of
-    0.62). Set it with ``jax.config.update("jax_num_cpu_devices", n)`` before JAX's first use.
+    the devices' shards side by side (measured in benchmarks/README.md, "Train step").
+    :func:`split_cpu` applies it.
     """
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
@@ -32,6 +32,22 @@ def cpu_devices_for(batch_size: int, *, cpu_count: int | None = None) -> int:
     if cores < 1:
         raise ValueError(f"cpu_count must be >= 1, got {cpu_count}")
     return max(d for d in range(1, min(cores, batch_size) + 1) if batch_size % d == 0)
+
+
+def split_cpu(batch_size: int, *, requested: int | None = None) -> int | None:
+    """Split this host's CPU into JAX devices for data parallelism, before JAX's first use.
+
+    ``requested`` devices, or by default :func:`cpu_devices_for` ``(batch_size)``. Does nothing
+    (returns None) when ``XLA_FLAGS`` already forces a host device count; otherwise returns the
+    count set. It has no effect on GPU/TPU devices.
+    """
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return None
+    if requested is not None and (int(requested) != requested or requested < 1):
+        raise ValueError(f"the CPU device count must be >= 1, got {requested}")
+    count = requested or cpu_devices_for(batch_size)
+    jax.config.update("jax_num_cpu_devices", count)
+    return count
 
 
 def data_mesh(devices=None) -> jax.sharding.Mesh:
@@ -48,28 +64,40 @@ def parallelize(
     mesh: jax.sharding.Mesh,
     num_replicated: int = 1,
     replicated_out: tuple[bool, ...] = (True, True),
+    donate_state: bool = False,
 ) -> Callable:
     """Wrap per-device ``fn(*replicated, batch)`` for all devices.
 
     The first ``num_replicated`` arguments are replicated (state, keys), the last is the batch,
     split along axis 0. ``replicated_out[i]`` says whether output ``i`` is the same on every
     device (``pmean``-ed metrics, the new state) or split along axis 0 like the batch.
+    ``donate_state`` donates the first argument's buffers (the train state, replaced by the
+    step's output), so a step holds one copy of the parameters and optimizer state, not two.
 
     ``shard_map`` runs with ``check_vma=False``: gradients of replicated parameters are then
     per-device and the function's explicit ``pmean`` averages them, exactly as under ``pmap``.
     (With ``check_vma=True`` they come back already summed, and a ``pmean`` would give N x.)
     """
+    donate = (0,) if donate_state else ()
     if mode == "shard_map":
         in_specs = (P(),) * num_replicated + (P(AXIS),)
         out_specs = tuple(P() if r else P(AXIS) for r in replicated_out)
         return jax.jit(
-            jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+            jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False),
+            donate_argnums=donate,
         )
     if mode == "pmap":
         in_axes = (None,) * num_replicated + (0,)
         out_axes = tuple(None if r else 0 for r in replicated_out)
         devices = list(mesh.devices.flat)
-        return jax.pmap(fn, axis_name=AXIS, in_axes=in_axes, out_axes=out_axes, devices=devices)
+        return jax.pmap(
+            fn,
+            axis_name=AXIS,
+            in_axes=in_axes,
+            out_axes=out_axes,
+            devices=devices,
+            donate_argnums=donate,
+        )
     raise ValueError(f"parallelism must be one of {MODES}, got {mode!r}")
 
 

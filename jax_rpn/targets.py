@@ -83,16 +83,27 @@ def batch_anchor_targets(
     """:func:`anchor_targets` over a batch: ``gt_boxes [B, G, 4]``, ``gt_valid [B, G]``.
 
     ``anchors [N, 4]`` are shared; ``gt_ignore`` ``[B, G]`` and ``image_hw`` ``[B, 2]`` are
-    optional per-image inputs; ``key`` is split into one key per image. Returns ``labels``
-    int32 ``[B, N]`` and ``box_targets`` float32 ``[B, N, 4]``.
+    optional per-image inputs; ``key`` is one key, split into one per image, or ``[B]`` keys
+    already (one per image). Returns ``labels`` int32 ``[B, N]`` and ``box_targets`` float32
+    ``[B, N, 4]``.
     """
     gt_boxes = jnp.asarray(gt_boxes)
     if gt_boxes.ndim != 3:
         raise ValueError(f"gt_boxes must have shape [B, G, 4], got {gt_boxes.shape}")
-    keys = jax.random.split(key, gt_boxes.shape[0])
+    keys = _per_image_keys(key, gt_boxes.shape[0])
 
     def one(k, boxes, valid, ignore, hw):
         return anchor_targets(k, anchors, boxes, valid, gt_ignore=ignore, image_hw=hw, **settings)
 
     in_axes = (0, 0, 0, None if gt_ignore is None else 0, None if image_hw is None else 0)
     return jax.vmap(one, in_axes=in_axes)(keys, gt_boxes, gt_valid, gt_ignore, image_hw)
+
+
+def _per_image_keys(key: jax.Array, batch_size: int) -> jax.Array:
+    """``[B]`` keys: ``key`` itself when it holds one key per image already, else split."""
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if key.ndim == (1 if typed else 2):
+        if key.shape[0] != batch_size:
+            raise ValueError(f"key holds {key.shape[0]} per-image keys for {batch_size} images")
+        return key
+    return jax.random.split(key, batch_size)

@@ -4,6 +4,7 @@ The per-device ``train_step`` and ``eval_step`` are wrapped for all devices in o
 :func:`jax_rpn.parallel.parallelize` (``config.parallelism``: ``shard_map`` or ``pmap``).
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -20,11 +21,12 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from jax_rpn import config_checks, evaluation, inference, parallel, viz
+from jax_rpn import config_checks, inference, parallel, recall, viz
 from jax_rpn.data import pipeline
 from jax_rpn.models import build_rpn, init_variables
+from jax_rpn.objective import rpn_objective
 from jax_rpn.optim import create_optimizer
-from jax_rpn.rpn_loss import rpn_loss
+from jax_rpn.settings import LossSettings, ProposalSettings, TargetSettings
 
 
 @flax.struct.dataclass
@@ -68,6 +70,11 @@ def make_train_step(config, model, tx, schedule):
     unchanged and reports ``finite = 0`` (the loop then stops with a message).
     """
     mutable = list(model_state_collections(config))
+    objective = functools.partial(
+        rpn_objective,
+        targets_settings=TargetSettings.from_config(config),
+        loss_settings=LossSettings.from_config(config),
+    )
 
     def train_step(state, batch):
         keys = _image_keys(state.key, state.step, batch["image"].shape[0])
@@ -77,7 +84,7 @@ def make_train_step(config, model, tx, schedule):
             outputs, new_model_state = model.apply(
                 variables, batch["image"], train=True, mutable=mutable
             )
-            loss, metrics = rpn_loss(outputs, batch, keys, config=config)
+            loss, metrics = objective(outputs, batch, keys)
             return loss, (metrics, new_model_state)
 
         (_, (metrics, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -111,14 +118,15 @@ def make_eval_step(config, model):
     The recall record is summed over the whole global batch on device (``psum``), so one
     small record per batch comes back, the same on every host.
     """
+    settings = ProposalSettings.from_config(config, train=False)
 
     def eval_step(state, batch):
         variables = {"params": state.params, **state.model_state}
         props = inference.proposals_from_images(
-            model, variables, batch["image"], batch["image_hw"], config=config
+            model, variables, batch["image"], batch["image_hw"], settings=settings
         )
         valid = props.valid & batch["example_valid"][:, None]  # [b, K]
-        stats = jax.vmap(evaluation.recall_stats)(
+        stats = jax.vmap(recall.recall_stats)(
             props.boxes, props.scores, valid, batch["boxes"], batch["valid"], batch["ignore"]
         )
         stats = stats._replace(num_images=batch["example_valid"].astype(jnp.int32))
@@ -154,7 +162,7 @@ class Trainer:
         train_step = make_train_step(config, self.model, self.tx, self.schedule)
         eval_step = make_eval_step(config, self.model)
         self.p_train_step = parallel.parallelize(
-            train_step, mode=self.mode, mesh=self.mesh, replicated_out=(True, True)
+            train_step, mode=self.mode, mesh=self.mesh, donate_state=True
         )
         self.p_eval_step = parallel.parallelize(
             eval_step, mode=self.mode, mesh=self.mesh, replicated_out=(False, True)
@@ -202,7 +210,7 @@ class Trainer:
     def evaluate(self, *, writer=None, step: int | None = None) -> dict[str, float]:
         """Proposal recall on the eval split; writes pictures and curves into the workdir."""
         config = self.config
-        acc = evaluation.RecallAccumulator()
+        acc = recall.RecallAccumulator()
         vis, nonfinite = None, 0
         batches = tqdm(
             pipeline.create_eval_iterator(config),
@@ -264,8 +272,6 @@ class Trainer:
         resumed = self.restore()
         start = int(self.state.step)
         lead = jax.process_index() == 0
-        writer = SummaryWriter(os.path.join(self.workdir, "tensorboard")) if lead else None
-        metrics_file = open(os.path.join(self.workdir, "metrics.jsonl"), "a") if lead else None
         if resumed and lead:
             print(f"Resumed from checkpoint at step {start} in {self.workdir}", flush=True)
         if lead:
@@ -276,18 +282,28 @@ class Trainer:
                 f"{config.batch_size // len(devices)} images per device",
                 flush=True,
             )
-        bar = tqdm(
-            total=config.num_train_steps,
-            initial=start,
-            disable=not lead,
-            desc="train",
-            unit="step",
-            dynamic_ncols=True,
-        )
-        pending = None  # metrics of the previous step, read one step late to keep the
-        history = []  # device busy
-        t0, steps_timed = time.perf_counter(), 0
-        try:
+        with contextlib.ExitStack() as stack:
+            writer = metrics_file = None
+            if lead:
+                writer = stack.enter_context(
+                    SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+                )
+                metrics_file = stack.enter_context(
+                    open(os.path.join(self.workdir, "metrics.jsonl"), "a")
+                )
+            bar = stack.enter_context(
+                tqdm(
+                    total=config.num_train_steps,
+                    initial=start,
+                    disable=not lead,
+                    desc="train",
+                    unit="step",
+                    dynamic_ncols=True,
+                )
+            )
+            pending = None  # the previous step's metrics, read one step late (device busy)
+            history = []
+            t0, steps_timed = time.perf_counter(), 0
             for step in range(start + 1, config.num_train_steps + 1):
                 batch = parallel.shard_batch(next(self.train_iter), mode=self.mode, mesh=self.mesh)
                 self.state, metrics = self.p_train_step(self.state, batch)
@@ -316,18 +332,14 @@ class Trainer:
                     result = self.evaluate(writer=writer, step=step)
                     if lead:
                         _write_metrics(writer, metrics_file, step, result, prefix="eval")
-                        bar.write(f"step {step}: " + _short_recall(result))
+                        bar.write(f"step {step}: " + recall.short_recall(result))
             bar.close()
             result = self.evaluate(writer=writer)
             if lead:
-                _write_metrics(writer, metrics_file, int(self.state.step), result, prefix="eval")
-                print(format_recall_table(result, title=f"Recall at step {int(self.state.step)}"))
+                step = int(self.state.step)
+                _write_metrics(writer, metrics_file, step, result, prefix="eval")
+                print(recall.format_recall_table(result, title=f"Recall at step {step}"))
             return result
-        finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
-                metrics_file.close()
 
     def _check(self, step, metrics):
         metrics = jax.device_get(metrics)
@@ -350,19 +362,6 @@ def _write_metrics(writer, metrics_file, step, metrics, *, prefix):
     writer.flush()
     metrics_file.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
     metrics_file.flush()
-
-
-def _short_recall(result):
-    keys = ("AR@100", "AR@1000", "recall@0.5@100", "recall@0.7@100")
-    return ", ".join(f"{k} {result[k]:.3f}" for k in keys if k in result)
-
-
-def format_recall_table(result: dict[str, float], *, title: str = "Recall") -> str:
-    """The recall metrics as a fixed-width text table."""
-    width = max(len(k) for k in result)
-    lines = [title, "-" * (width + 10)]
-    lines += [f"{k:<{width}}  {v:8.4f}" for k, v in result.items()]
-    return "\n".join(lines)
 
 
 def set_up_compilation_cache(workdir: str) -> None:
@@ -388,5 +387,5 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
     result = trainer.evaluate()
     if jax.process_index() == 0:
-        print(format_recall_table(result, title=f"Recall at step {int(trainer.state.step)}"))
+        print(recall.format_recall_table(result, title=f"Recall at step {int(trainer.state.step)}"))
     return result

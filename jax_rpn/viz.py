@@ -274,7 +274,7 @@ def plot_proposal_grid(
 
 def plot_recall_curves(curves: dict, path=None) -> Figure:
     """Recall vs IoU and recall vs number of proposals, from
-    :meth:`jax_rpn.evaluation.RecallAccumulator.curves`.
+    :meth:`jax_rpn.recall.RecallAccumulator.curves`.
     """
     fig, axes = new_figure(1, 2, size=(5.0, 4.0))
     ax_iou, ax_num = axes[0]

@@ -26,25 +26,33 @@ def test_iou_hand_computed():
     a = jnp.array([[0.0, 0.0, 10.0, 10.0]])
     b = jnp.array([[5.0, 5.0, 15.0, 15.0], [0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
     # Overlap 5x5 = 25, union 100 + 100 - 25 = 175.
-    np.testing.assert_allclose(jax.jit(boxes.iou)(a, b), [[25 / 175, 1.0, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(boxes.pairwise_iou)(a, b), [[25 / 175, 1.0, 0.0]], rtol=1e-6)
 
 
 def test_iou_zero_union_is_zero_not_nan():
     empty = jnp.array([[3.0, 3.0, 3.0, 3.0]])
-    out = boxes.iou(empty, empty)
+    out = boxes.pairwise_iou(empty, empty)
     np.testing.assert_array_equal(out, [[0.0]])
-    grad = jax.grad(lambda b: boxes.iou(b, empty).sum())(empty)
+    grad = jax.grad(lambda b: boxes.pairwise_iou(b, empty).sum())(empty)
     assert np.all(np.isfinite(grad))
 
 
 def test_iou_properties_against_numpy():
     rng = np.random.default_rng(0)
     a, b = _random_boxes(rng, 50), _random_boxes(rng, 30)
-    got = np.asarray(jax.jit(boxes.iou)(a, b))
+    got = np.asarray(jax.jit(boxes.pairwise_iou)(a, b))
     np.testing.assert_allclose(got, _np_iou(a, b), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(got, np.asarray(boxes.iou(b, a)).T, rtol=1e-6)
+    np.testing.assert_allclose(got, np.asarray(boxes.pairwise_iou(b, a)).T, rtol=1e-6)
     assert got.min() >= 0.0 and got.max() <= 1.0
-    np.testing.assert_allclose(np.diag(np.asarray(boxes.iou(a, a))), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.diag(np.asarray(boxes.pairwise_iou(a, a))), 1.0, rtol=1e-6)
+
+
+def test_aligned_iou_is_the_diagonal_of_pairwise_iou():
+    rng = np.random.default_rng(1)
+    a, b = _random_boxes(rng, 40), _random_boxes(rng, 40)
+    got = np.asarray(jax.jit(boxes.aligned_iou)(a, b))  # [40]
+    np.testing.assert_allclose(got, np.diag(_np_iou(a, b)), rtol=1e-5, atol=1e-6)
+    assert float(boxes.aligned_iou(jnp.zeros(4), jnp.zeros(4))) == 0.0  # empty pair: 0, not NaN
 
 
 def test_area_and_clip():
@@ -58,10 +66,10 @@ def test_giou_hand_computed():
     a = jnp.array([0.0, 0.0, 2.0, 2.0])
     b = jnp.array([3.0, 0.0, 4.0, 2.0])
     # No overlap: IoU 0, hull 4x2 = 8, union 4 + 2 = 6 -> GIoU = 0 - (8 - 6) / 8.
-    np.testing.assert_allclose(boxes.giou(a, b), -0.25, rtol=1e-6)
-    np.testing.assert_allclose(boxes.giou(a, a), 1.0)
+    np.testing.assert_allclose(boxes.aligned_giou(a, b), -0.25, rtol=1e-6)
+    np.testing.assert_allclose(boxes.aligned_giou(a, a), 1.0)
     empty = jnp.zeros(4)
-    assert float(boxes.giou(empty, empty)) == 0.0
+    assert float(boxes.aligned_giou(empty, empty)) == 0.0
 
 
 def test_encode_hand_computed():

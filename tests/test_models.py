@@ -460,12 +460,6 @@ def test_bfloat16_compute_float32_params_and_outputs():
 # ------------------------------------------------------------------ configuration errors
 
 
-def test_num_anchors_mismatch_fails_at_init():
-    model = _c4(num_anchors=5)  # sizes (32, 64) x 3 ratios = 6
-    with pytest.raises(ValueError, match=r"num_anchors=5.*give 6 anchors per cell"):
-        _init_shapes(model, (1, 32, 32, 3))
-
-
 def test_level_count_mismatch_fails_at_init():
     model = RPN(backbone="resnet18", width=4, strides=(4, 8, 16, 32), sizes=((32,),) * 4)
     with pytest.raises(ValueError, match=r"gives 5 feature levels.*has 4 entries"):

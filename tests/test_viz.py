@@ -4,7 +4,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from jax_rpn import anchors, evaluation, viz
+from jax_rpn import anchors, recall, viz
 
 
 def _check_png(path, fig, *, min_hw=(200, 200), max_hw=(2000, 3000)):
@@ -86,8 +86,8 @@ def test_plot_recall_curves(tmp_path):
     matches = np.zeros((4, 10, 50), np.int32)
     for t in range(10):
         matches[0, t, [0, 2, 9, 40][: 4 - t // 3]] = 1
-    stats = evaluation.RecallStats(matches, np.array([4, 0, 0, 4]), np.array(50), np.array(1))
-    acc = evaluation.RecallAccumulator()
+    stats = recall.RecallStats(matches, np.array([4, 0, 0, 4]), np.array(50), np.array(1))
+    acc = recall.RecallAccumulator()
     acc.update(stats)
     path = tmp_path / "recall.png"
     fig = viz.plot_recall_curves(acc.curves(), path)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-# ImageNet statistics (RGB, 0-255), as torchvision and detectron2 use them.
-PIXEL_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
-PIXEL_STD = np.array([58.395, 57.12, 57.375], np.float32)
+from jax_rpn.settings import PixelSettings
+
+IMAGENET = PixelSettings()  # torchvision's: RGB, ImageNet mean and std
 
 
 def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -50,14 +50,23 @@ def resize(
     return image, (boxes * scale).astype(np.float32)  # [n, 4]
 
 
-def normalize(image: np.ndarray) -> np.ndarray:
-    """uint8 [h, w, 3] RGB -> float32 [h, w, 3], `(image - PIXEL_MEAN) / PIXEL_STD`."""
-    return (image.astype(np.float32) - PIXEL_MEAN) / PIXEL_STD
+def normalize(image: np.ndarray, pixels: PixelSettings = IMAGENET) -> np.ndarray:
+    """uint8 [h, w, 3] RGB -> float32 [h, w, 3] model input: channels in
+    `pixels.channel_order`, then `(image - pixels.mean) / pixels.std` (default: ImageNet's RGB
+    statistics, as torchvision)."""
+    image = image.astype(np.float32)
+    if pixels.channel_order == "bgr":
+        image = image[..., ::-1]
+    return (image - np.asarray(pixels.mean, np.float32)) / np.asarray(pixels.std, np.float32)
 
 
-def denormalize(image: np.ndarray) -> np.ndarray:
-    """Inverse of `normalize` for display: float32 [..., 3] -> uint8 [..., 3]."""
-    return np.clip(np.asarray(image) * PIXEL_STD + PIXEL_MEAN + 0.5, 0, 255).astype(np.uint8)
+def denormalize(image: np.ndarray, pixels: PixelSettings = IMAGENET) -> np.ndarray:
+    """Inverse of `normalize` for display: float32 [..., 3] -> uint8 RGB [..., 3]."""
+    image = np.asarray(image) * np.asarray(pixels.std, np.float32)
+    image = image + np.asarray(pixels.mean, np.float32)
+    if pixels.channel_order == "bgr":
+        image = image[..., ::-1]
+    return np.clip(image + 0.5, 0, 255).astype(np.uint8)
 
 
 def pad_image(image: np.ndarray, pad_hw) -> np.ndarray:

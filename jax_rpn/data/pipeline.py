@@ -1,10 +1,11 @@
 """Input pipeline: tfds array_record data sources read by grain, into static-shape numpy batches.
 
 Per example: decode -> boxes to absolute `[x1, y1, x2, y2]` pixels -> random horizontal flip
-(train) -> resize keeping the aspect ratio (`augment.resized_hw`) -> normalize with ImageNet
-mean/std -> pad the image to `config.data.pad_to` (top-left, zeros after normalization) and the
-ground truth to `config.data.max_boxes` slots. A batch is a dict of numpy arrays, b examples
-(b = config.batch_size / process count: this host's part of the global batch):
+(train) -> resize keeping the aspect ratio (`augment.resized_hw`) -> normalize
+(`augment.normalize`: `config.data` channel order, pixel mean and std) -> pad the image to
+`config.data.pad_to` (top-left, zeros after normalization) and the ground truth to
+`config.data.max_boxes` slots. A batch is a dict of numpy arrays, b examples (b =
+config.batch_size / process count: this host's part of the global batch):
 
     image          float32 [b, H, W, 3]  (H, W) = pad_to
     boxes          float32 [b, G, 4]     [x1, y1, x2, y2] in pixels of the resized image; 0 if empty
@@ -54,10 +55,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
+from jax_rpn import config_checks
 from jax_rpn.data import augment, shapes
+from jax_rpn.settings import PixelSettings
 
-# The box flag each dataset family turns into `ignore`.
-_IGNORE_FEATURE = {"rpn_shapes": None, "voc": "is_difficult", "coco": "is_crowd"}
+# The dataset families (`config.data.name` up to the first "/") and the box flag each turns
+# into `ignore`.
+FAMILIES = {"rpn_shapes": None, "voc": "is_difficult", "coco": "is_crowd"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +88,7 @@ class _Settings:
     max_boxes: int
     ignore_difficult: bool
     hflip: bool
+    pixels: PixelSettings
 
 
 def decode_example(example: dict, *, family: str, ignore_difficult: bool = True):
@@ -94,8 +99,8 @@ def decode_example(example: dict, *, family: str, ignore_difficult: bool = True)
     index into the dataset's class names); ignore bool [n] (difficult / crowd, all False unless
     `ignore_difficult`). Boxes with zero width or height are dropped.
     """
-    if family not in _IGNORE_FEATURE:
-        raise ValueError(f"family must be one of {tuple(_IGNORE_FEATURE)}, got {family!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {family!r}")
     image = np.asarray(example["image"], np.uint8)  # tfds decodes these datasets to RGB
     h, w = image.shape[:2]
     objects = example["objects"]
@@ -105,7 +110,7 @@ def decode_example(example: dict, *, family: str, ignore_difficult: bool = True)
     if len(labels) != len(boxes):
         raise ValueError(f"objects/label has {len(labels)} entries for {len(boxes)} boxes")
     ignore = np.zeros(len(boxes), bool)
-    key = _IGNORE_FEATURE[family]
+    key = FAMILIES[family]
     if key is not None and ignore_difficult:
         ignore = np.asarray(objects[key], bool).reshape(-1)
         if len(ignore) != len(boxes):
@@ -132,7 +137,7 @@ def _process(example: dict, index: int, *, settings: _Settings, flip: bool) -> d
         boxes, labels, ignore, max_boxes=settings.max_boxes
     )
     return {
-        "image": augment.pad_image(augment.normalize(image), settings.pad_hw),
+        "image": augment.pad_image(augment.normalize(image, settings.pixels), settings.pad_hw),
         "boxes": boxes,
         "labels": labels,
         "valid": valid,
@@ -187,43 +192,6 @@ class _EvalExample(grain.transforms.Map):
         return _process(self._source[position], position, settings=self._settings, flip=False)
 
 
-def _check_config(config) -> None:
-    """Raises ValueError naming the first invalid `config.data` / batch setting."""
-    d = config.data
-    family = d.name.split("/")[0]
-    if family not in _IGNORE_FEATURE:
-        raise ValueError(
-            "config.data.name must be rpn_shapes[/small], voc/2007, voc/2012 or coco/2017, "
-            f"got {d.name!r}"
-        )
-    pad = tuple(d.pad_to)
-    if len(pad) != 2 or not all(isinstance(s, int) and s > 0 for s in pad):
-        raise ValueError(f"config.data.pad_to must be two positive ints (H, W), got {d.pad_to}")
-    if "anchors" in config and "strides" in config.anchors:
-        stride = max(config.anchors.strides)
-        if pad[0] % stride or pad[1] % stride:
-            raise ValueError(
-                f"config.data.pad_to={pad} must be divisible by the largest anchor stride {stride}"
-            )
-    if not 0 < d.short_side <= d.max_size:
-        raise ValueError(
-            f"config.data.short_side ({d.short_side}) must be positive and at most "
-            f"config.data.max_size ({d.max_size})"
-        )
-    if d.max_boxes < 1:
-        raise ValueError(f"config.data.max_boxes must be >= 1, got {d.max_boxes}")
-    if d.num_workers < 0:
-        raise ValueError(f"config.data.num_workers must be >= 0, got {d.num_workers}")
-    if d.num_eval_images is not None and d.num_eval_images < 1:
-        raise ValueError(
-            f"config.data.num_eval_images must be None or >= 1, got {d.num_eval_images}"
-        )
-    if not 0 <= config.seed < 2**32:
-        raise ValueError(f"config.seed must be in [0, 2**32), got {config.seed}")
-    if config.batch_size < 1:
-        raise ValueError(f"config.batch_size must be >= 1, got {config.batch_size}")
-
-
 def _settings(config) -> _Settings:
     d = config.data
     return _Settings(
@@ -234,6 +202,7 @@ def _settings(config) -> _Settings:
         max_boxes=int(d.max_boxes),
         ignore_difficult=bool(d.ignore_difficult),
         hflip=bool(d.hflip),
+        pixels=PixelSettings.from_config(config),
     )
 
 
@@ -298,7 +267,7 @@ def create_train_iterator(
     `set_state(state)`; `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` save and
     restore it with orbax.
     """
-    _check_config(config)
+    config_checks.validate_data(config)
     p, n_proc, local_batch = _hosts(config, process_index, process_count)
     source = _builder(config).as_data_source(config.data.train_split)
     ds = grain.MapDataset.range(len(source)).shuffle(seed=config.seed).repeat()
@@ -316,7 +285,7 @@ def create_eval_iterator(
     Takes the first `config.data.num_eval_images` examples (None: all). The last global batch
     is filled with blank examples whose `example_valid` is False, so every batch has b rows.
     """
-    _check_config(config)
+    config_checks.validate_data(config)
     p, n_proc, local_batch = _hosts(config, process_index, process_count)
     source = _builder(config).as_data_source(config.data.eval_split)
     num = _num_eval(config, len(source))
@@ -332,7 +301,7 @@ def _num_eval(config, split_size: int) -> int:
 
 def dataset_info(config) -> DatasetInfo:
     """Sizes and class names of `config.data` (prepares rpn_shapes if needed)."""
-    _check_config(config)
+    config_checks.validate_data(config)
     builder = _builder(config)
     splits = builder.info.splits
     num_eval = _num_eval(config, splits[config.data.eval_split].num_examples)

@@ -1,7 +1,7 @@
 """Flax (Linen) models: backbones (ResNet, VGG-16), FPN neck, the RPN head and the RPN module."""
 
 from jax_rpn.models.fpn import FPN
-from jax_rpn.models.head import RPNHead
+from jax_rpn.models.head import RPNHead, foreground_logit
 from jax_rpn.models.norm import FrozenBatchNorm, make_norm
 from jax_rpn.models.resnet import ResNet
 from jax_rpn.models.rpn import (
@@ -25,6 +25,7 @@ __all__ = [
     "ResNet",
     "build_rpn",
     "flatten_outputs",
+    "foreground_logit",
     "init_variables",
     "make_norm",
 ]

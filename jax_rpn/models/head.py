@@ -22,8 +22,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-OBJECTNESS = ("sigmoid", "softmax")
+from jax_rpn.losses import OBJECTNESS_KINDS
+
 NORMAL_001 = nn.initializers.normal(stddev=0.01)
+
+
+def foreground_logit(objectness: jax.Array, kind: str) -> jax.Array:
+    """One foreground logit per anchor: ``sigmoid`` logits ``[...]`` as they are, ``softmax``
+    logits ``[..., 2]`` (background, foreground) as foreground minus background (the logit of
+    the softmax's foreground probability)."""
+    if kind not in OBJECTNESS_KINDS:
+        raise ValueError(f"kind must be one of {OBJECTNESS_KINDS}, got {kind!r}")
+    if kind == "softmax":
+        if objectness.shape[-1:] != (2,):
+            raise ValueError(f"softmax objectness must be [..., 2], got {objectness.shape}")
+        return objectness[..., 1] - objectness[..., 0]
+    return objectness
 
 
 class RPNHead(nn.Module):
@@ -56,8 +70,10 @@ class RPNHead(nn.Module):
             raise ValueError(f"num_anchors must be > 0, got {self.num_anchors}")
         if self.num_convs < 0:
             raise ValueError(f"num_convs must be >= 0, got {self.num_convs}")
-        if self.objectness not in OBJECTNESS:
-            raise ValueError(f"objectness must be one of {OBJECTNESS}, got {self.objectness!r}")
+        if self.objectness not in OBJECTNESS_KINDS:
+            raise ValueError(
+                f"objectness must be one of {OBJECTNESS_KINDS}, got {self.objectness!r}"
+            )
         if not features:
             raise ValueError("features must hold at least one level")
         shapes = [tuple(f.shape) for f in features]

@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jax_rpn import anchors as anchors_lib
 from jax_rpn.models.fpn import FPN
 from jax_rpn.models.head import RPNHead
 from jax_rpn.models.resnet import STAGES, ResNet
 from jax_rpn.models.vgg import VGG16
+from jax_rpn.settings import AnchorSettings
 
 BACKBONES = tuple(f"resnet{d}" for d in STAGES) + ("vgg16",)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -148,8 +148,7 @@ class RPN(nn.Module):
         the feature channels).
       objectness: ``sigmoid`` or ``softmax``.
       strides, sizes, aspect_ratios, offset, convention: the anchors, as
-        ``jax_rpn.anchors.multilevel_anchors`` takes them.
-      num_anchors: optional explicit A; must equal the anchors' A.
+        ``jax_rpn.anchors.multilevel_anchors`` takes them (see :attr:`anchor_settings`).
       pixel_mean, pixel_std: optional per-channel normalisation ``(x - mean) / std`` applied
         to the images first; None = images used as given.
       axis_name: device axis for ``batch_norm`` statistics (e.g. ``'data'`` inside
@@ -171,7 +170,6 @@ class RPN(nn.Module):
     aspect_ratios: tuple = (0.5, 1.0, 2.0)
     offset: float = 0.0
     convention: str = "detectron2"
-    num_anchors: int | None = None
     pixel_mean: tuple[float, ...] | None = None
     pixel_std: tuple[float, ...] | None = None
     axis_name: str | None = None
@@ -200,22 +198,24 @@ class RPN(nn.Module):
         self.levels = tuple(features.strides)
         self.feature_strides = tuple(features.strides.values())
         self._check_levels()
-        cells = anchors_lib.level_cell_anchors(
-            self.strides, self.sizes, self.aspect_ratios, convention=self.convention
-        )
-        a = cells[0].shape[0]
-        if self.num_anchors is not None and self.num_anchors != a:
-            raise ValueError(
-                f"num_anchors={self.num_anchors} (head outputs per cell) but anchors.sizes="
-                f"{tuple(self.sizes)} x aspect_ratios={tuple(self.aspect_ratios)} give {a} "
-                f"anchors per cell"
-            )
         self.head = RPNHead(
-            num_anchors=a,
+            num_anchors=self.anchor_settings.num_cell_anchors,
             num_convs=self.head_convs,
             conv_dim=self.head_dim,
             objectness=self.objectness,
             dtype=self.dtype,
+        )
+
+    @property
+    def anchor_settings(self) -> AnchorSettings:
+        """The anchors as :class:`jax_rpn.settings.AnchorSettings` (what the coverage tool and
+        the objective use for the same config)."""
+        return AnchorSettings(
+            strides=self.strides,
+            sizes=self.sizes,
+            aspect_ratios=self.aspect_ratios,
+            offset=self.offset,
+            convention=self.convention,
         )
 
     def _check_levels(self):
@@ -277,22 +277,16 @@ class RPN(nn.Module):
         h, w = self._check_images(images)
         maps = self.features(images, train=train)
         hws = [tuple(f.shape[1:3]) for f in maps]
-        expected = [(h // s, w // s) for s in self.feature_strides]
-        if hws != expected:
-            raise ValueError(f"feature sizes {hws} != image size / strides {expected}")
+        anchors = self.anchor_settings
+        if hws != anchors.feature_hws((h, w)):
+            raise ValueError(
+                f"feature sizes {hws} != ceil(image size / strides) {anchors.feature_hws((h, w))}"
+            )
         objectness, deltas = self.head(maps)
-        level_anchors = anchors_lib.multilevel_anchors(
-            hws,
-            self.strides,
-            self.sizes,
-            self.aspect_ratios,
-            offset=self.offset,
-            convention=self.convention,
-        )
         return RPNOutput(
             objectness=objectness,
             deltas=deltas,
-            anchors=tuple(level_anchors),
+            anchors=tuple(anchors.for_image((h, w))),
             features=tuple(maps),
             strides=tuple(int(s) for s in self.feature_strides),
         )
@@ -303,21 +297,13 @@ class RPN(nn.Module):
         return build_rpn(config, axis_name=axis_name)
 
 
-def _tuples(values):
-    """Lists (from a ConfigDict) -> nested tuples, so the module fields are hashable."""
-    if isinstance(values, Sequence) and not isinstance(values, str):
-        return tuple(_tuples(v) for v in values)
-    return values
-
-
 def build_rpn(config, *, axis_name: str | None = None) -> RPN:
     """An :class:`RPN` from ``config.model`` and ``config.anchors`` (see ``configs/default.py``).
 
     ``axis_name``: the device axis for ``batch_norm`` statistics, given by the trainer when the
-    model runs inside ``shard_map``/``pmap``; None on one device. Optional ``config.model``
-    fields: ``num_anchors``, ``pixel_mean``, ``pixel_std``.
+    model runs inside ``shard_map``/``pmap``; None on one device.
     """
-    m, a = config.model, config.anchors
+    m, a = config.model, AnchorSettings.from_config(config)
     if m.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {m.dtype!r}")
     return RPN(
@@ -329,14 +315,11 @@ def build_rpn(config, *, axis_name: str | None = None) -> RPN:
         head_convs=m.head_convs,
         head_dim=m.head_dim,
         objectness=m.objectness,
-        strides=_tuples(a.strides),
-        sizes=_tuples(a.sizes),
-        aspect_ratios=_tuples(a.aspect_ratios),
+        strides=a.strides,
+        sizes=a.sizes,
+        aspect_ratios=a.aspect_ratios,
         offset=a.offset,
         convention=a.convention,
-        num_anchors=m.get("num_anchors"),
-        pixel_mean=_tuples(m.get("pixel_mean")),
-        pixel_std=_tuples(m.get("pixel_std")),
         axis_name=axis_name,
         dtype=DTYPES[m.dtype],
     )

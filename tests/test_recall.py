@@ -1,4 +1,4 @@
-"""Tests for jax_rpn.evaluation: hand-computed cases and a cross-check against pycocotools."""
+"""Tests for jax_rpn.recall: hand-computed cases and a cross-check against pycocotools."""
 
 import contextlib
 import io
@@ -10,9 +10,9 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from jax_rpn import evaluation
+from jax_rpn import recall
 
-_recall_stats = jax.jit(evaluation.recall_stats)
+_recall_stats = jax.jit(recall.recall_stats)
 
 
 def _stats(boxes, scores, gt_boxes, *, valid=None, gt_valid=None, gt_ignore=None, pad=4):
@@ -37,7 +37,7 @@ def _stats(boxes, scores, gt_boxes, *, valid=None, gt_valid=None, gt_ignore=None
 
 
 def _result(stats, **kwargs):
-    acc = evaluation.RecallAccumulator(**kwargs)
+    acc = recall.RecallAccumulator(**kwargs)
     acc.update(stats)
     return acc.result()
 
@@ -115,7 +115,7 @@ def test_area_ranges_inclusive_bounds():
 def test_no_counted_gt():
     r = _result(_stats([[0, 0, 5, 5]], [1.0], [[0, 0, 5, 5]], gt_valid=[False]))
     assert r["AR@100"] == -1.0 and r["num_gt"] == 0
-    stats = evaluation.recall_stats(
+    stats = recall.recall_stats(
         np.zeros((1, 4)), np.ones(1), np.ones(1, bool), np.zeros((0, 4)), np.zeros(0, bool)
     )
     assert stats.matches.shape == (4, 10, 1) and int(stats.matches.sum()) == 0
@@ -206,11 +206,11 @@ def test_matches_pycocotools_cocoeval():
     expected = ev.eval["recall"][:, 0]  # [T, A, M]
 
     batch = [np.stack(x) for x in zip(*per_image, strict=True)]
-    stats = jax.jit(jax.vmap(evaluation.recall_stats))(*batch)
-    acc = evaluation.RecallAccumulator()
+    stats = jax.jit(jax.vmap(recall.recall_stats))(*batch)
+    acc = recall.RecallAccumulator()
     acc.update(stats)
-    recall = acc.recall()  # [R, T, K]
-    got = np.stack([recall[..., c - 1] for c in (100, 300, 1000)], -1)  # [R, T, M]
+    curve = acc.recall()  # [R, T, K]
+    got = np.stack([curve[..., c - 1] for c in (100, 300, 1000)], -1)  # [R, T, M]
     np.testing.assert_allclose(got, expected.transpose(1, 0, 2), atol=1e-6)
     # Recall must be non-trivial for the check to mean anything.
     ar100, ar1000 = expected[:, 0, 0].mean(), expected[:, 0, 2].mean()
@@ -237,15 +237,15 @@ def test_jit_vmap_and_summed_updates_agree():
         per_image.append(
             (props, scores, np.ones(60, bool), gt, np.arange(6) < 5, np.zeros(6, bool))
         )
-    eager = [evaluation.recall_stats(*x) for x in per_image]
+    eager = [recall.recall_stats(*x) for x in per_image]
     batch = [np.stack(x) for x in zip(*per_image, strict=True)]
-    batched = jax.jit(jax.vmap(evaluation.recall_stats))(*batch)
+    batched = jax.jit(jax.vmap(recall.recall_stats))(*batch)
     for i, s in enumerate(eager):
         for a, b in zip(s, batched, strict=True):
             np.testing.assert_array_equal(a, b[i])
 
     counts = dict(counts=(1, 10, 60))
-    acc_images, acc_batch, acc_sum = (evaluation.RecallAccumulator(**counts) for _ in range(3))
+    acc_images, acc_batch, acc_sum = (recall.RecallAccumulator(**counts) for _ in range(3))
     for s in eager:
         acc_images.update(s)
     acc_batch.update(batched)
@@ -266,14 +266,14 @@ def test_inside_shard_map():
     mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
     def per_device(*args):
-        stats = jax.vmap(evaluation.recall_stats)(*args)
+        stats = jax.vmap(recall.recall_stats)(*args)
         return jax.tree.map(lambda x: jax.lax.psum(jnp.sum(x, 0), "data"), stats)
 
     spec = jax.sharding.PartitionSpec("data")
     replicated = jax.sharding.PartitionSpec()
     sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=spec, out_specs=replicated))
     got = sharded(*batch)
-    want = jax.tree.map(lambda x: jnp.sum(x, 0), jax.vmap(evaluation.recall_stats)(*batch))
+    want = jax.tree.map(lambda x: jnp.sum(x, 0), jax.vmap(recall.recall_stats)(*batch))
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -281,7 +281,7 @@ def test_inside_shard_map():
 def test_curves():
     rng = np.random.default_rng(2)
     gt, props, scores = _random_image(rng, num_gt=6, num_props=300, size=200)
-    acc = evaluation.RecallAccumulator()
+    acc = recall.RecallAccumulator()
     acc.update(_stats(props, scores, gt))
     c = acc.curves(num_points=20)
     nums = c["num_proposals"]
@@ -299,20 +299,20 @@ def test_curves():
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match="boxes, scores, valid"):
-        evaluation.recall_stats(
+        recall.recall_stats(
             jnp.zeros((3, 4)), jnp.zeros(2), jnp.ones(3, bool), jnp.zeros((1, 4)), jnp.ones(1, bool)
         )
     with pytest.raises(ValueError, match="gt_boxes"):
-        evaluation.recall_stats(
+        recall.recall_stats(
             jnp.zeros((3, 4)), jnp.zeros(3), jnp.ones(3, bool), jnp.zeros((1, 4)), jnp.ones(2, bool)
         )
     with pytest.raises(ValueError, match="iou_thresholds"):
-        evaluation.RecallAccumulator(iou_thresholds=(0.5, 1.5))
+        recall.RecallAccumulator(iou_thresholds=(0.5, 1.5))
     with pytest.raises(ValueError, match="recall_ious"):
-        evaluation.RecallAccumulator(iou_thresholds=(0.5, 0.75), recall_ious=(0.7,))
+        recall.RecallAccumulator(iou_thresholds=(0.5, 0.75), recall_ious=(0.7,))
     with pytest.raises(ValueError, match="before any update"):
-        evaluation.RecallAccumulator().result()
-    acc = evaluation.RecallAccumulator()
+        recall.RecallAccumulator().result()
+    acc = recall.RecallAccumulator()
     acc.update(_stats([[0, 0, 1, 1]], [1.0], [[0, 0, 1, 1]]))
     with pytest.raises(ValueError, match="K = 5"):
         acc.update(_stats([[0, 0, 1, 1]] * 5, np.ones(5), [[0, 0, 1, 1]]))

@@ -135,7 +135,9 @@ def recall_stats(
     if g == 0:
         matches = jnp.zeros((num_r, num_t, k), jnp.int32)
     else:
-        overlaps = box_ops.iou(boxes[order].astype(jnp.float32), gt_boxes.astype(jnp.float32))
+        overlaps = box_ops.pairwise_iou(
+            boxes[order].astype(jnp.float32), gt_boxes.astype(jnp.float32)
+        )
 
         def step(matched, x):  # matched: bool [R, T, G]
             row, ok = x  # [G], []
@@ -266,3 +268,17 @@ class RecallAccumulator:
             "num_proposals": nums,
             "recall_vs_num": vs_num,
         }
+
+
+def format_recall_table(result: dict[str, float], *, title: str = "Recall") -> str:
+    """The metrics of :meth:`RecallAccumulator.result` as a fixed-width text table."""
+    width = max(len(k) for k in result)
+    lines = [title, "-" * (width + 10)]
+    lines += [f"{k:<{width}}  {v:8.4f}" for k, v in result.items()]
+    return "\n".join(lines)
+
+
+def short_recall(result: dict[str, float]) -> str:
+    """The headline metrics on one line: AR@100, AR@1000, recall@0.5@100, recall@0.7@100."""
+    keys = ("AR@100", "AR@1000", "recall@0.5@100", "recall@0.7@100")
+    return ", ".join(f"{k} {result[k]:.3f}" for k in keys if k in result)

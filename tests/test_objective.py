@@ -1,4 +1,4 @@
-"""rpn_loss and predict_proposals: the model-level objective and inference on a tiny RPN."""
+"""rpn_objective and predict_proposals: the model-level objective and inference on a tiny RPN."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,8 @@ import pytest
 from configs import tiny
 from jax_rpn import inference, losses, targets
 from jax_rpn.models import build_rpn, flatten_outputs, init_variables
-from jax_rpn.rpn_loss import rpn_loss
+from jax_rpn.objective import rpn_objective
+from jax_rpn.settings import LossSettings, TargetSettings
 
 
 def _batch(batch_size=2):
@@ -31,6 +32,16 @@ def _batch(batch_size=2):
     }
 
 
+def _objective(outputs, batch, key, config):
+    return rpn_objective(
+        outputs,
+        batch,
+        key,
+        targets_settings=TargetSettings.from_config(config),
+        loss_settings=LossSettings.from_config(config),
+    )
+
+
 @pytest.fixture(scope="module", params=["sigmoid", "softmax"])
 def setup(request):
     config = tiny.get_config()
@@ -45,7 +56,7 @@ def test_loss_matches_targets_and_losses(setup):
     batch = _batch()
     keys = jax.random.split(jax.random.key(3), 2)
     outputs = model.apply(variables, batch["image"], train=False)
-    loss, metrics = jax.jit(lambda o, b, k: rpn_loss(o, b, k, config=config))(outputs, batch, keys)
+    loss, metrics = jax.jit(lambda o, b, k: _objective(o, b, k, config))(outputs, batch, keys)
 
     # The same pieces composed by hand: targets per image, then the normalised losses.
     flat = flatten_outputs(outputs)
@@ -84,7 +95,7 @@ def test_gradients_flow(setup):
 
     def loss_fn(params):
         outputs = model.apply({**variables, "params": params}, batch["image"], train=False)
-        return rpn_loss(outputs, batch, jax.random.key(1), config=config)[0]
+        return _objective(outputs, batch, jax.random.key(1), config)[0]
 
     grads = jax.jit(jax.grad(loss_fn))(variables["params"])
     norms = {
