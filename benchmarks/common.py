@@ -13,6 +13,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -92,8 +93,13 @@ def random_batch(config, seed: int = 0) -> dict:
 
 
 def block(tree):
-    """Wait for every JAX array in ``tree`` (other leaves pass through); returns ``tree``."""
-    return jax.block_until_ready(tree)
+    """Wait for every JAX array in ``tree`` (other leaves pass through), and for queued CUDA
+    work of PyTorch if it uses a GPU; returns ``tree``."""
+    out = jax.block_until_ready(tree)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return out
 
 
 class Timer:

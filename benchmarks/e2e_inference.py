@@ -16,7 +16,8 @@ initialisation on both sides (no weights can be downloaded here) and random imag
   step runs it.
 - torchvision: ``benchmarks/torchvision_rpn.py``'s backbone + ``RegionProposalNetwork`` in
   eval mode under ``torch.inference_mode()`` (anchors, head, ``filter_proposals`` with
-  ``batched_nms``); eager, and with ``torch.compile`` on the backbone + FPN and the head.
+  ``batched_nms``); eager (NCHW, and ``channels_last``), and with ``torch.compile`` on the
+  backbone + FPN and the head. Ratios are against the fastest of these.
 
 All calls take turns within each round; medians. Latency per image = batch time / batch.
 """
@@ -45,6 +46,7 @@ def ours_calls(config, batch: int, images, image_hw) -> dict:
     every device (when there is more than one and the batch divides)."""
     from jax_rpn import inference, parallel
     from jax_rpn.models import build_rpn, init_variables
+    from jax_rpn.settings import ProposalSettings
 
     h, w = config.data.pad_to
     variables = init_variables(build_rpn(config), jax.random.PRNGKey(config.seed), (1, h, w, 3))
@@ -58,10 +60,11 @@ def ours_calls(config, batch: int, images, image_hw) -> dict:
     if batch > 1 and n > 1 and batch % n == 0:
         mesh = parallel.data_mesh()
         model = build_rpn(config)
+        settings = ProposalSettings.from_config(config, train=False)
 
         def per_device(variables, batch):
             props = inference.proposals_from_images(
-                model, variables, batch["image"], batch["image_hw"], config=config
+                model, variables, batch["image"], batch["image_hw"], settings=settings
             )
             return (props,)
 
@@ -79,7 +82,7 @@ def ours_calls(config, batch: int, images, image_hw) -> dict:
 def torch_calls(config, images, image_hw, *, compile_torch: bool) -> dict:
     torch.manual_seed(config.seed)
     eager = tvr.build(config).eval()
-    images_t = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    images_t = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(tvr.DEVICE)
     sizes = [(int(h), int(w)) for h, w in image_hw]
 
     def run(model):
@@ -90,6 +93,15 @@ def torch_calls(config, images, image_hw, *, compile_torch: bool) -> dict:
         return call
 
     calls = {"torchvision eager": run(eager)}
+    last = tvr.build(config).eval().to(memory_format=torch.channels_last)
+    last.load_state_dict(eager.state_dict())
+    images_last = images_t.contiguous(memory_format=torch.channels_last)
+
+    def run_last():
+        with torch.inference_mode():
+            return last(images_last, sizes)[0]
+
+    calls["torchvision eager, channels_last"] = run_last
     if compile_torch:
         compiled = tvr.build(config).eval()
         compiled.load_state_dict(eager.state_dict())

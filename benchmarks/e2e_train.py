@@ -23,9 +23,11 @@ train=True)`` added to the step (the two-stage case, like for like).
 
 torchvision's side (``benchmarks/torchvision_rpn.py``): its ResNet + ``BackboneWithFPN`` +
 ``RegionProposalNetwork`` (train mode: anchors, head, ``filter_proposals``, targets, sampler,
-losses), backward, ``clip_grad_norm_`` and a fused AdamW/SGD step; eager, and with
-``torch.compile`` on the backbone + FPN and on the head (the dense part; compiling the whole
-RPN recompiles every step on its data-dependent shapes).
+losses), backward, ``clip_grad_norm_`` and a fused AdamW/SGD step; eager (contiguous NCHW
+tensors, as torchvision's detection models run, and ``channels_last``, oneDNN's preferred CPU
+layout), and with ``torch.compile`` on the backbone + FPN and on the head (the dense part;
+compiling the whole RPN recompiles every step on its data-dependent shapes). Ratios are
+against the fastest of these.
 
 Timing: all steps take turns within each round (load changes hit all alike); medians. Peak
 memory: each side in a fresh subprocess (build, three steps): its peak RSS, and the rise
@@ -37,6 +39,7 @@ backward split.
 """
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -77,12 +80,20 @@ def _dummy_loss(arrays):
 
 def make_step_with_proposals(config, model, tx, schedule):
     """``training.make_train_step``'s step that also returns the batch's training proposals
-    (``inference.proposals_from_outputs(..., train=True)`` on the step's own outputs), as a
-    two-stage detector's first stage needs them. Returns ``(state, metrics, proposals)``."""
+    (``inference.proposals_from_outputs`` with the ``_train`` top-k, on the step's own
+    outputs), as a two-stage detector's first stage needs them. Returns ``(state, metrics,
+    proposals)``."""
     from jax_rpn import inference, parallel, training
-    from jax_rpn.rpn_loss import rpn_loss
+    from jax_rpn.objective import rpn_objective
+    from jax_rpn.settings import LossSettings, ProposalSettings, TargetSettings
 
     mutable = list(training.model_state_collections(config))
+    objective = functools.partial(
+        rpn_objective,
+        targets_settings=TargetSettings.from_config(config),
+        loss_settings=LossSettings.from_config(config),
+    )
+    proposal_settings = ProposalSettings.from_config(config, train=True)
 
     def train_step(state, batch):
         keys = training._image_keys(state.key, state.step, batch["image"].shape[0])
@@ -92,9 +103,12 @@ def make_step_with_proposals(config, model, tx, schedule):
             outputs, new_model_state = model.apply(
                 variables, batch["image"], train=True, mutable=mutable
             )
-            loss, metrics = rpn_loss(outputs, batch, keys, config=config)
+            loss, metrics = objective(outputs, batch, keys)
             props = inference.proposals_from_outputs(
-                jax.lax.stop_gradient(outputs), batch["image_hw"], config=config, train=True
+                jax.lax.stop_gradient(outputs),
+                batch["image_hw"],
+                settings=proposal_settings,
+                objectness=model.objectness,
             )
             return loss, (metrics, new_model_state, props)
 
@@ -112,7 +126,12 @@ def make_step_with_proposals(config, model, tx, schedule):
         )
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-        metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(state.step)}
+        metrics = {
+            **metrics,
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(state.step),
+            "finite": finite.astype(jnp.float32),
+        }
         return new.replace(step=state.step + 1), metrics, props
 
     return train_step
@@ -121,24 +140,24 @@ def make_step_with_proposals(config, model, tx, schedule):
 def breakdown_programs(config, model, tx, anchors):
     """Per-device programs ``fn(state, batch) -> (output,)`` whose time differences split our
     step: ``features_fwd``, ``features_grad`` (dummy loss), ``head_grad`` (dummy loss on the
-    head outputs), ``loss_grad`` (the RPN loss, no optimizer), ``targets`` (targets alone),
-    ``optimizer`` (the optimizer update alone, parameters as stand-in gradients)."""
+    head outputs), ``loss_grad`` (the RPN objective, no optimizer), ``targets`` (targets
+    alone), ``optimizer`` (the optimizer update alone, parameters as stand-in gradients)."""
     from jax_rpn import parallel, targets, training
-    from jax_rpn.rpn_loss import rpn_loss
+    from jax_rpn.objective import rpn_objective
+    from jax_rpn.settings import LossSettings, TargetSettings
 
     mutable = list(training.model_state_collections(config))
     axis = parallel.AXIS
+    target_settings = TargetSettings.from_config(config)
+    loss_settings = LossSettings.from_config(config)
 
     def apply(params, state, images, **kwargs):
         variables = {"params": params, **state.model_state}
         return model.apply(variables, images, train=True, mutable=mutable, **kwargs)[0]
 
     def features_fwd(state, batch):
-        return (
-            jax.lax.pmean(
-                _dummy_loss(apply(state.params, state, batch["image"], method="features")), axis
-            ),
-        )
+        features = apply(state.params, state, batch["image"], method="features")
+        return (jax.lax.pmean(_dummy_loss(features), axis),)
 
     def grad_of(loss_fn):
         def program(state, batch):
@@ -153,51 +172,44 @@ def breakdown_programs(config, model, tx, anchors):
         out = apply(params, state, batch["image"])
         return _dummy_loss(list(out.objectness) + list(out.deltas))
 
-    def rpn_objective(params, state, batch):
+    def objective(params, state, batch):
         key = jax.random.fold_in(state.key, state.step)
-        return rpn_loss(apply(params, state, batch["image"]), batch, key, config=config)[0]
-
-    t = config.targets
+        outputs = apply(params, state, batch["image"])
+        return rpn_objective(
+            outputs, batch, key, targets_settings=target_settings, loss_settings=loss_settings
+        )[0]
 
     def targets_only(state, batch):
-        keys = jax.random.split(state.key, batch["image"].shape[0])
-        labels, box_targets = jax.vmap(
-            lambda k, boxes, valid, ignore, hw: targets.anchor_targets(
-                k,
-                anchors,
-                boxes,
-                valid,
-                high=t.high,
-                low=t.low,
-                allow_low_quality=t.allow_low_quality,
-                num_samples=t.num_samples,
-                positive_fraction=t.positive_fraction,
-                weights=tuple(t.weights),
-                gt_ignore=ignore,
-                image_hw=hw,
-            )
-        )(keys, batch["boxes"], batch["valid"], batch["ignore"], batch["image_hw"])
+        labels, box_targets = targets.batch_anchor_targets(
+            jax.random.fold_in(state.key, state.step),
+            anchors,
+            batch["boxes"],
+            batch["valid"],
+            gt_ignore=batch["ignore"],
+            image_hw=batch["image_hw"],
+            **target_settings.kwargs(),
+        )
         return (jax.lax.pmean(jnp.sum(box_targets) + jnp.sum(labels), axis),)
 
     def optimizer_only(state, batch):
         grads = jax.lax.pmean(state.params, axis)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        return (
-            state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state),
-        )
+        params = optax.apply_updates(state.params, updates)
+        return (state.replace(params=params, opt_state=opt_state),)
 
     return {
         "features_fwd": features_fwd,
         "features_grad": grad_of(features_loss),
         "head_grad": grad_of(head_loss),
-        "loss_grad": grad_of(rpn_objective),
+        "loss_grad": grad_of(objective),
         "targets": targets_only,
         "optimizer": optimizer_only,
     }
 
 
 class Ours:
-    """The trainer's step on a fixed random batch, plus the breakdown programs."""
+    """The trainer's step on a fixed random batch (state donated and threaded through, as
+    ``Trainer`` runs it), plus the breakdown programs."""
 
     def __init__(self, config, *, breakdown: bool = True):
         from jax_rpn import parallel, training
@@ -212,17 +224,18 @@ class Ours:
         state = training.create_train_state(
             config, build_rpn(config), tx, jax.random.PRNGKey(config.seed)
         )
-        self.state = jax.device_put(state, replicated)
+        self.holder = {"state": jax.device_put(state, replicated)}
         self.batch = parallel.shard_batch(common.random_batch(config), mode=mode, mesh=self.mesh)
 
-        def wrap(fn, replicated_out):
+        def wrap(fn, replicated_out, donate):
             return parallel.parallelize(
-                fn, mode=mode, mesh=self.mesh, replicated_out=replicated_out
+                fn, mode=mode, mesh=self.mesh, replicated_out=replicated_out, donate_state=donate
             )
 
-        self.step = wrap(training.make_train_step(config, model, tx, schedule), (True, True))
+        step = training.make_train_step(config, model, tx, schedule)
+        self.step = wrap(step, (True, True), True)
         self.step_proposals = wrap(
-            make_step_with_proposals(config, model, tx, schedule), (True, True, False)
+            make_step_with_proposals(config, model, tx, schedule), (True, True, False), True
         )
         self.programs = {}
         if breakdown:
@@ -232,29 +245,27 @@ class Ours:
             out = eval_model.apply(variables, jnp.zeros((1, h, w, 3)), train=False)
             anchors = np.asarray(flatten_outputs(out).anchors)  # [N, 4]
             for name, fn in breakdown_programs(config, model, tx, anchors).items():
-                self.programs[name] = wrap(fn, (True,))
+                self.programs[name] = wrap(fn, (True,), False)
 
     def compile_step(self) -> tuple[float, float]:
         """(lower + compile seconds of the step, its XLA temporary buffers MiB)."""
-        start = time.perf_counter()
-        compiled = self.step.lower(self.state, self.batch).compile()
-        seconds = time.perf_counter() - start
-        return seconds, compiled.memory_analysis().temp_size_in_bytes / 2**20
+        with common.Timer() as t:
+            compiled = self.step.lower(self.holder["state"], self.batch).compile()
+        return t.seconds, compiled.memory_analysis().temp_size_in_bytes / 2**20
 
     def calls(self) -> dict:
-        """No-argument calls: ``step`` and ``step_proposals`` thread the state through."""
-        holder = {"state": self.state}
+        """No-argument calls; ``step`` and ``step_proposals`` thread the state through."""
 
         def threaded(step):
             def one():
-                holder["state"], *out = step(holder["state"], self.batch)
+                self.holder["state"], *out = step(self.holder["state"], self.batch)
                 return out
 
             return one
 
         calls = {"step": threaded(self.step), "step_proposals": threaded(self.step_proposals)}
         for name, program in self.programs.items():
-            calls[name] = lambda p=program: p(self.state, self.batch)
+            calls[name] = lambda p=program: p(self.holder["state"], self.batch)
         return calls
 
 
@@ -303,9 +314,20 @@ class Torchvision:
     """torchvision's RPN train step on the same batch (eager or compiled), optionally timed
     region by region (``phases``)."""
 
-    def __init__(self, config, *, compiled: bool = False, instrumented: bool = False):
+    def __init__(
+        self,
+        config,
+        *,
+        compiled: bool = False,
+        instrumented: bool = False,
+        channels_last: bool = False,
+    ):
         torch.manual_seed(config.seed)
         self.model = tvr.build(config).train()
+        self.images, self.sizes, self.targets = tvr.to_torch_batch(common.random_batch(config))
+        if channels_last:  # oneDNN's preferred layout on CPU
+            self.model = self.model.to(memory_format=torch.channels_last)
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
         if compiled:
             self.model.backbone = torch.compile(self.model.backbone)
             self.model.rpn.head = torch.compile(self.model.rpn.head)
@@ -313,7 +335,6 @@ class Torchvision:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.clip = config.optim.grad_clip_norm
         self.box_weight = config.loss.box_weight
-        self.images, self.sizes, self.targets = tvr.to_torch_batch(common.random_batch(config))
         self.phases = Phases()
         if instrumented:
             rpn, p = self.model.rpn, self.phases
@@ -372,8 +393,9 @@ def _torch_dummy_loss(tensors):
 
 
 def memory_of(side: str, config_name: str) -> dict:
-    """In this (fresh) process: the RSS after imports, then build ``side`` and run 3 steps;
-    returns ``{"base_mib", "peak_mib"}`` (peak: the process's ``VmHWM``)."""
+    """In this (fresh) process: the RSS after imports (``base_mib``), then build ``side`` and
+    run a first step (compiles): the process peak so far (``peak_mib``, ``VmHWM``); then 3
+    more steps with the peak reset before them: ``steady_mib``, the peak while stepping."""
     config = load_config(config_name)
     jax.devices()  # initialise the backend before the baseline
     base = common.current_memory_mib()
@@ -381,10 +403,17 @@ def memory_of(side: str, config_name: str) -> dict:
         ours = Ours(config, breakdown=False)
         call = ours.calls()["step_proposals" if side == "ours_proposals" else "step"]
     else:
-        call = Torchvision(config, compiled=side == "torch_compile").step
+        call = Torchvision(
+            config,
+            compiled=side == "torch_compile",
+            channels_last=side == "torch_channels_last",
+        ).step
+    common.block(call())
+    peak = common.peak_memory_mib()
+    common.reset_peak_memory()
     for _ in range(3):
         common.block(call())
-    return {"base_mib": base, "peak_mib": common.peak_memory_mib()}
+    return {"base_mib": base, "peak_mib": peak, "steady_mib": common.peak_memory_mib()}
 
 
 def memory_in_subprocess(side: str, config_name: str) -> dict:
@@ -398,9 +427,9 @@ def memory_in_subprocess(side: str, config_name: str) -> dict:
 
 
 def first_call_s(fn) -> float:
-    start = time.perf_counter()
-    common.block(fn())
-    return time.perf_counter() - start
+    with common.Timer() as t:
+        common.block(fn())
+    return t.seconds
 
 
 def bench_config(name: str, *, repeats: int, compile_torch: bool, memory: bool) -> dict:
@@ -413,11 +442,14 @@ def bench_config(name: str, *, repeats: int, compile_torch: bool, memory: bool) 
 
     eager = Torchvision(config)
     instrumented = Torchvision(config, instrumented=True)
+    channels_last = Torchvision(config, channels_last=True)
     calls["tv eager"] = eager.step
+    calls["tv channels_last"] = channels_last.step
     calls["tv instrumented"] = instrumented.step
     calls["tv features_grad"] = eager.features_grad
     calls["tv head_grad"] = eager.head_grad
     first["tv eager"] = first_call_s(eager.step)
+    first["tv channels_last"] = first_call_s(channels_last.step)
     if compile_torch:
         compiled = Torchvision(config, compiled=True)
         calls["tv compiled"] = compiled.step
@@ -458,7 +490,8 @@ def bench_config(name: str, *, repeats: int, compile_torch: bool, memory: bool) 
         "ours_xla_temp_mib": xla_temp_mib,
     }
     if memory:
-        sides = ["ours", "ours_proposals", "torch_eager"] + ["torch_compile"] * compile_torch
+        sides = ["ours", "ours_proposals", "torch_eager", "torch_channels_last"]
+        sides += ["torch_compile"] * compile_torch
         result["memory"] = {s: memory_in_subprocess(s, name) for s in sides}
     return result
 
@@ -466,24 +499,33 @@ def bench_config(name: str, *, repeats: int, compile_torch: bool, memory: bool) 
 # --- tables -------------------------------------------------------------------------------------
 
 
+# Timed torchvision steps: key in the results -> (table label, memory subprocess side).
+TORCH_STEPS = {
+    "tv eager": ("torchvision eager", "torch_eager"),
+    "tv channels_last": ("torchvision eager, channels_last", "torch_channels_last"),
+    "tv compiled": ("torchvision torch.compile", "torch_compile"),
+}
+
+
 def throughput_rows(r: dict) -> list[list]:
     med, b = r["median_s"], r["batch"]
-    best_tv = min(med["tv eager"], med.get("tv compiled", float("inf")))
+    best_tv = min(s for k, s in med.items() if k in TORCH_STEPS)
     mem = r.get("memory", {})
 
     def row(label, key, mem_key):
         s = med[key]
         m = mem.get(mem_key)
+        steady = f"{m['steady_mib']:.0f} (+{m['steady_mib'] - m['base_mib']:.0f})" if m else "-"
         peak = f"{m['peak_mib']:.0f} (+{m['peak_mib'] - m['base_mib']:.0f})" if m else "-"
-        return [r["config"], label, s * 1e3, b / s, f"{best_tv / s:.2f}x", peak]
+        return [r["config"], label, s * 1e3, b / s, f"{best_tv / s:.2f}x", steady, peak]
 
     rows = [
         row("ours (trainer's step)", "ours step", "ours"),
         row("ours + proposals", "ours step_proposals", "ours_proposals"),
-        row("torchvision eager", "tv eager", "torch_eager"),
     ]
-    if "tv compiled" in med:
-        rows.append(row("torchvision torch.compile", "tv compiled", "torch_compile"))
+    for key, (label, side) in TORCH_STEPS.items():
+        if key in med:
+            rows.append(row(label, key, side))
     return rows
 
 
@@ -510,7 +552,11 @@ def breakdown_rows(r: dict) -> list[list]:
             (ph.get("targets", 0.0) + ph.get("losses forward", 0.0) + tv_rest_bwd) * ms,
         ],
         ["rest of the forward (reshapes, concatenation)", "-", ph.get("forward, other", 0.0) * ms],
-        ["optimizer (+ all-reduce, finite check)", (d - c) * ms, ph.get("optimizer", 0.0) * ms],
+        [
+            "optimizer (+ finite check)",
+            f"{(d - c) * ms:.3g} ({med['ours optimizer'] * ms:.3g} alone)",
+            ph.get("optimizer", 0.0) * ms,
+        ],
         ["proposals (decode, top-k, NMS)", (e - d) * ms, ph.get("proposals", 0.0) * ms],
         ["step without proposals", d * ms, (tv_total - ph.get("proposals", 0.0)) * ms],
         ["step with proposals", e * ms, tv_total * ms],
@@ -561,13 +607,15 @@ def main():
         print(json.dumps(results[-1]), flush=True)
 
     print(
-        f"\nTrain step, median of {args.repeats} rounds; images/s; peak RSS of a fresh process MiB"
+        f"\nTrain step, median of {args.repeats} rounds; ratio = best torchvision time / time; "
+        "memory of a fresh process in MiB, its rise over the RSS after imports in brackets: "
+        "peak RSS while stepping, and peak RSS including the first step (compilation)"
     )
-    print("(rise over the RSS after imports in brackets); ratio = best torchvision time / time")
     rows = [row for r in results for row in throughput_rows(r)]
     print(
         common.table(
-            ["config", "implementation", "step ms", "images/s", "vs best torchvision", "peak MiB"],
+            ["config", "implementation", "step ms", "images/s", "vs best torchvision"]
+            + ["stepping MiB", "with first step MiB"],
             rows,
         )
     )

@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from benchmarks.torchvision_rpn import DEVICE  # noqa: E402
 from jax_rpn import nms  # noqa: E402
 
 IMAGE_HW = (800, 1333)
@@ -120,7 +121,7 @@ def run_case(kind, n, max_output, repeats, numpy_repeats, rng, clock):
     boxes, scores = {"rpn-like": rpn_like, "uniform": uniform, "dense": dense}[kind](n, rng)
     jb, js = jax.device_put(boxes), jax.device_put(scores)
     tb, ts = tf.constant(boxes), tf.constant(scores)
-    pb, ps = torch.from_numpy(boxes), torch.from_numpy(scores)
+    pb, ps = (torch.from_numpy(x).to(DEVICE) for x in (boxes, scores))
 
     ours_fn = jax.jit(partial(nms.nms, iou_threshold=IOU_THRESHOLD, max_output=max_output))
 
@@ -128,7 +129,7 @@ def run_case(kind, n, max_output, repeats, numpy_repeats, rng, clock):
         return jax.block_until_ready(ours_fn(jb, js))
 
     def tv_kernel():
-        return torchvision.ops.nms(pb, ps, IOU_THRESHOLD)[:max_output].numpy()
+        return torchvision.ops.nms(pb, ps, IOU_THRESHOLD)[:max_output].cpu().numpy()
 
     def tf_kernel():
         return tf.image.non_max_suppression(tb, ts, max_output, IOU_THRESHOLD).numpy()
@@ -183,14 +184,15 @@ def run_batched_case(n, max_output, num_levels, repeats, rng, clock):
     boxes, scores = rpn_like(n, rng)
     groups = rng.permutation(np.arange(n) % num_levels).astype(np.int32)
     jb, js, jg = (jax.device_put(x) for x in (boxes, scores, groups))
-    pb, ps, pg = (torch.from_numpy(x) for x in (boxes, scores, groups.astype(np.int64)))
+    pb, ps, pg = (torch.from_numpy(x).to(DEVICE) for x in (boxes, scores, groups.astype(np.int64)))
     ours_fn = jax.jit(partial(nms.batched_nms, iou_threshold=IOU_THRESHOLD, max_output=max_output))
 
     def ours():
         return jax.block_until_ready(ours_fn(jb, js, jg))
 
     def tv():
-        return torchvision.ops.batched_nms(pb, ps, pg, IOU_THRESHOLD)[:max_output].numpy()
+        keep = torchvision.ops.batched_nms(pb, ps, pg, IOU_THRESHOLD)
+        return keep[:max_output].cpu().numpy()
 
     fns = {"ours": ours, "tv": tv}
     results = {name: fn() for name, fn in fns.items()}  # warm-up (compiles)

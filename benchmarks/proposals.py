@@ -49,6 +49,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork  # noqa: E402
 from torchvision.ops import boxes as tv_box_ops  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from benchmarks.torchvision_rpn import DEVICE  # noqa: E402
 from jax_rpn import proposals  # noqa: E402
 
 PRE_NMS_TOPK, POST_NMS_TOPK, NMS_THRESHOLD, MIN_SIZE = 2000, 1000, 0.7, 1e-3
@@ -249,9 +250,9 @@ def main():
 
     # torchvision.
     rpn = torchvision_rpn()
-    anchors_t = torch.from_numpy(np.concatenate(anchors))
-    obj_t = torch.from_numpy(np.concatenate(logits, axis=1))
-    deltas_t = torch.from_numpy(np.concatenate(deltas, axis=1))
+    anchors_t = torch.from_numpy(np.concatenate(anchors)).to(DEVICE)
+    obj_t = torch.from_numpy(np.concatenate(logits, axis=1)).to(DEVICE)
+    deltas_t = torch.from_numpy(np.concatenate(deltas, axis=1)).to(DEVICE)
     shapes = [tuple(int(v) for v in hw) for hw in image_hw]
     tv_samples = []  # (seconds, of which NMS) per call
 
@@ -281,7 +282,10 @@ def main():
     ours_s = times["ours"]["median"]
     tv_boxes, tv_scores = calls["torchvision"]()
     count, same = compare(
-        ours_boxes, ours_valid, [b.numpy() for b in tv_boxes], [s.numpy() for s in tv_scores]
+        ours_boxes,
+        ours_valid,
+        [b.cpu().numpy() for b in tv_boxes],
+        [s.cpu().numpy() for s in tv_scores],
     )
     cpu = {name: t["cpu_median"] * 1e3 for name, t in times.items()}
     rows = [["ours (jax.jit)", ours_s * 1e3, 1.0, cpu["ours"], "-", "-"]]

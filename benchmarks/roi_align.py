@@ -39,6 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from benchmarks.torchvision_rpn import DEVICE  # noqa: E402
 from jax_rpn import roi_align  # noqa: E402
 
 PAD_HW = (800, 1344)
@@ -57,7 +58,7 @@ def inputs(batch: int, rois: int, channels: int, seed: int = 0):
 
 
 def nchw(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(DEVICE)
 
 
 def single_level(feats, boxes):
@@ -75,7 +76,7 @@ def single_level(feats, boxes):
         )
     )
     fj, bj = jnp.asarray(f), jnp.asarray(boxes)
-    ft, bt = nchw(f), [torch.from_numpy(b) for b in boxes]
+    ft, bt = nchw(f), [torch.from_numpy(b).to(DEVICE) for b in boxes]
 
     def ours():
         return ours_fn(fj, bj)  # [B, K, 7, 7, C]
@@ -105,7 +106,7 @@ def multi_scale(feats, boxes):
     names = [f"p{i + 2}" for i in range(len(STRIDES))]
     pooler = torchvision.ops.MultiScaleRoIAlign(names, OUTPUT, SAMPLING)
     ft = {n: nchw(f) for n, f in zip(names, feats, strict=True)}
-    bt = [torch.from_numpy(b) for b in boxes]
+    bt = [torch.from_numpy(b).to(DEVICE) for b in boxes]
     image_shapes = [common.COCO_IMAGE_HW] * len(boxes)
 
     def ours():
@@ -144,7 +145,7 @@ def main():
     for name, make in cases:
         ours, tv = make(feats, boxes)
         got = np.asarray(common.block(ours()))  # [B, K, 7, 7, C]; compiles
-        want = tv().numpy().transpose(0, 2, 3, 1).reshape(got.shape)
+        want = tv().cpu().numpy().transpose(0, 2, 3, 1).reshape(got.shape)
         diff = float(np.max(np.abs(got - want)))
         times = common.time_interleaved({"ours": ours, "tv": tv}, repeats=args.repeats)
         o, t = times["ours"], times["tv"]

@@ -38,6 +38,7 @@ import torchvision  # noqa: E402
 from torchvision.models.detection.rpn import RegionProposalNetwork  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from benchmarks.torchvision_rpn import DEVICE  # noqa: E402
 from jax_rpn import matching, sampling, targets  # noqa: E402
 
 HIGH, LOW = 0.7, 0.3
@@ -172,12 +173,12 @@ def run_one(g, fns, anchors_np, rng, *, batch, ref_images, repeats, budget_s, se
     """
     full, match, sample = fns
     anchors_j = jnp.asarray(anchors_np)
-    anchors_t = torch.from_numpy(anchors_np)
+    anchors_t = torch.from_numpy(anchors_np).to(DEVICE)
     gt_np = common.random_gt_boxes(rng, batch, g, common.COCO_IMAGE_HW)  # [B, G, 4]
     gt_j = jnp.asarray(gt_np)
     valid_j = jnp.ones((batch, g), bool)
     keys = jax.random.split(jax.random.key(seed), batch)
-    gt_list = [torch.from_numpy(b) for b in gt_np[:ref_images]]
+    gt_list = [torch.from_numpy(b).to(DEVICE) for b in gt_np[:ref_images]]
     rpn = torchvision_rpn()
     torch.manual_seed(seed)  # the sampler's randperm draws from torch's global generator
 
@@ -213,14 +214,14 @@ def run_one(g, fns, anchors_np, rng, *, batch, ref_images, repeats, budget_s, se
     # Agreement where deterministic, on the images torchvision ran on.
     n = ref_images
     ours_pre = np.asarray(match_labels_j)[:n]  # [n, N]
-    tv_pre = np.stack([lab.numpy() for lab in tv_labels]).astype(np.int32)  # [n, N]
+    tv_pre = np.stack([lab.cpu().numpy() for lab in tv_labels]).astype(np.int32)  # [n, N]
     labels = np.asarray(labels_j)[:n]  # [n, N]
     ours_counts = np.stack([(labels == 1).sum(1), (labels == 0).sum(1)], 1)  # [n, 2]
     tv_counts = np.array(
         [[int(p.sum()), int(q.sum())] for p, q in zip(tv_pos, tv_neg, strict=True)]
     )
     both_pos = (labels == 1) & (tv_pre == 1)  # [n, N]
-    tv_reg = np.stack([r.numpy() for r in tv_regression])  # [n, N, 4]
+    tv_reg = np.stack([r.cpu().numpy() for r in tv_regression])  # [n, N, 4]
     diff = np.abs(np.asarray(box_targets_j)[:n][both_pos] - tv_reg[both_pos])
     agreement = [name, int(np.sum(ours_pre != tv_pre)), ours_pre.size]
     agreement += [bool(np.array_equal(ours_counts, tv_counts))]

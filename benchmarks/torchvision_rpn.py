@@ -31,6 +31,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+# PyTorch runs where JAX does: a GPU when there is one, else the CPU.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 STAGES = {18: (resnet.BasicBlock, [2, 2, 2, 2]), 34: (resnet.BasicBlock, [3, 4, 6, 3])}
 STAGES |= {50: (resnet.Bottleneck, [3, 4, 6, 3]), 101: (resnet.Bottleneck, [3, 4, 23, 3])}
 
@@ -134,10 +136,10 @@ class TorchvisionRPN(nn.Module):
 
 
 def build(config) -> TorchvisionRPN:
-    """The config's RPN in torchvision (parameters float32, on the CPU)."""
+    """The config's RPN in torchvision (parameters float32, on :data:`DEVICE`)."""
     if config.model.head_dim not in (None, config.model.fpn_dim):
         raise ValueError("torchvision's RPNHead keeps the feature channels in its convolutions")
-    return TorchvisionRPN(config)
+    return TorchvisionRPN(config).to(DEVICE)
 
 
 def create_optimizer(config, model: nn.Module):
@@ -170,15 +172,17 @@ def create_optimizer(config, model: nn.Module):
 def to_torch_batch(batch: dict):
     """A numpy batch with the input pipeline's structure -> ``(images [B, 3, H, W], image
     sizes, targets)``: the valid ground truth of each image as torchvision takes it."""
-    images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous()
+    images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous().to(DEVICE)
     sizes = [(int(h), int(w)) for h, w in batch["image_hw"]]
     pairs = zip(batch["boxes"], batch["valid"], strict=True)
-    targets = [{"boxes": torch.from_numpy(b[v])} for b, v in pairs]
+    targets = [{"boxes": torch.from_numpy(b[v]).to(DEVICE)} for b, v in pairs]
     return images, sizes, targets
 
 
 def versions() -> str:
+    """torch and torchvision versions, the device and the thread settings, in one line."""
     return (
-        f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
-        f"{torch.get_num_threads()} intra-op threads, {torch.get_num_interop_threads()} inter-op"
+        f"torch {torch.__version__}, torchvision {torchvision.__version__} on {DEVICE.type}, "
+        f"{torch.get_num_threads()} intra-op threads, {torch.get_num_interop_threads()} "
+        f"inter-op, mkldnn {torch.backends.mkldnn.is_available()}"
     )
