@@ -92,6 +92,13 @@ def random_batch(config, seed: int = 0) -> dict:
     }
 
 
+def set_compilation_cache(cache_dir: str) -> None:
+    """Cache every compiled JAX program in ``cache_dir`` (however quick its compile)."""
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def block(tree):
     """Wait for every JAX array in ``tree`` (other leaves pass through), and for queued CUDA
     work of PyTorch if it uses a GPU; returns ``tree``."""

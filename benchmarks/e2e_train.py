@@ -2,7 +2,7 @@
 and where the time goes on each side.
 
     python benchmarks/e2e_train.py           # both sizes, 5 rounds (about 25 minutes)
-    python benchmarks/e2e_train.py --quick   # default config, 3 rounds, no compiled PyTorch
+    python benchmarks/e2e_train.py --quick   # default config, 3 rounds, no torch.compile or memory
 
 The same architecture on both sides, one random batch with the input pipeline's structure
 (8 valid ground-truth boxes per image), at two sizes:
@@ -44,6 +44,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -394,8 +395,10 @@ def _torch_dummy_loss(tensors):
 
 def memory_of(side: str, config_name: str) -> dict:
     """In this (fresh) process: the RSS after imports (``base_mib``), then build ``side`` and
-    run a first step (compiles): the process peak so far (``peak_mib``, ``VmHWM``); then 3
-    more steps with the peak reset before them: ``steady_mib``, the peak while stepping."""
+    run a first step (ours loads its compiled step from the parent's compilation cache;
+    torch.compile compiles or hits its own cache): the process peak so far (``peak_mib``,
+    ``VmHWM``); then 3 more steps with the peak reset before them: ``steady_mib``, the peak
+    while stepping."""
     config = load_config(config_name)
     jax.devices()  # initialise the backend before the baseline
     base = common.current_memory_mib()
@@ -419,6 +422,8 @@ def memory_of(side: str, config_name: str) -> dict:
 def memory_in_subprocess(side: str, config_name: str) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.e2e_train", "--memory-of", side]
     cmd += ["--configs", config_name, f"--cpu-devices={len(jax.devices())}"]
+    cmd += [f"--torch-threads={torch.get_num_threads()}"]
+    cmd += [f"--cache-dir={jax.config.jax_compilation_cache_dir}"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, check=False)
     if proc.returncode != 0:
@@ -517,7 +522,8 @@ def throughput_rows(r: dict) -> list[list]:
         m = mem.get(mem_key)
         steady = f"{m['steady_mib']:.0f} (+{m['steady_mib'] - m['base_mib']:.0f})" if m else "-"
         peak = f"{m['peak_mib']:.0f} (+{m['peak_mib'] - m['base_mib']:.0f})" if m else "-"
-        return [r["config"], label, s * 1e3, b / s, f"{best_tv / s:.2f}x", steady, peak]
+        cpu = r["cpu_s"][key] * 1e3
+        return [r["config"], label, s * 1e3, cpu, b / s, f"{best_tv / s:.2f}x", steady, peak]
 
     rows = [
         row("ours (trainer's step)", "ours step", "ours"),
@@ -568,7 +574,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds")
-    parser.add_argument("--quick", action="store_true", help="default config, 3 rounds")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="default config, 3 rounds, no torch.compile, no memory subprocesses",
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument(
@@ -579,18 +589,30 @@ def main():
         "to the core count)",
     )
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=os.cpu_count(),
+        help="PyTorch intra-op threads (default: one per core)",
+    )
     args = parser.parse_args()
     from jax_rpn import parallel
 
     if args.quick:
-        args.configs, args.repeats, args.no_compile = ["default"], 3, True
+        args.configs, args.repeats, args.no_compile, args.no_memory = ["default"], 3, True, True
     batches = [load_config(n).batch_size for n in args.configs]
     devices = args.cpu_devices or min(parallel.cpu_devices_for(b) for b in batches)
     jax.config.update("jax_num_cpu_devices", devices)
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.torch_threads)
     if args.memory_of:
+        common.set_compilation_cache(args.cache_dir)
         print(json.dumps(memory_of(args.memory_of, args.configs[0])))
         return
+    # Our programs compiled here are cached, so the memory subprocesses load them instead of
+    # compiling (XLA's compiler would otherwise set their peak, and malloc keeps it resident).
+    cache = tempfile.TemporaryDirectory(prefix="jax_rpn_e2e_cache_")
+    common.set_compilation_cache(cache.name)
 
     print(f"machine: {common.machine()}")
     print(f"{tvr.versions()}")
@@ -607,14 +629,15 @@ def main():
         print(json.dumps(results[-1]), flush=True)
 
     print(
-        f"\nTrain step, median of {args.repeats} rounds; ratio = best torchvision time / time; "
+        f"\nTrain step, median of {args.repeats} rounds (wall, and process CPU time over all "
+        "threads); ratio = best torchvision time / time; "
         "memory of a fresh process in MiB, its rise over the RSS after imports in brackets: "
         "peak RSS while stepping, and peak RSS including the first step (compilation)"
     )
     rows = [row for r in results for row in throughput_rows(r)]
     print(
         common.table(
-            ["config", "implementation", "step ms", "images/s", "vs best torchvision"]
+            ["config", "implementation", "step ms", "CPU ms", "images/s", "vs best torchvision"]
             + ["stepping MiB", "with first step MiB"],
             rows,
         )

@@ -124,15 +124,9 @@ def build(config, *, variant: str = "full"):
     return step, state, batch
 
 
-def set_cache(cache_dir: str) -> None:
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def compile_only(name: str, cache_dir: str, settings: tuple[str, ...] = ()) -> dict:
     """In this process: build the full step, time ``lower`` and ``compile``, run one step."""
-    set_cache(cache_dir)
+    common.set_compilation_cache(cache_dir)
     config = load_config(name, settings)
     step, state, batch = build(config)
     before = len(os.listdir(cache_dir)) if os.path.isdir(cache_dir) else 0
@@ -188,7 +182,7 @@ def bench_config(
     cache_dir = os.path.join(cache_root, name)
     cold = compile_in_subprocess(name, cache_dir, settings)
     warm = compile_in_subprocess(name, cache_dir, settings)
-    set_cache(cache_dir)  # the full step below then loads from the warm cache
+    common.set_compilation_cache(cache_dir)  # the full step below then loads from the warm cache
 
     calls, flops = {}, {}
     for variant in ("full", "features", "head"):
