@@ -6,11 +6,14 @@ size (``VmHWM``), reset before each measured block where the kernel allows it
 (``/proc/self/clear_refs``), otherwise the peak since the process started.
 """
 
+import ast
+import importlib
 import os
 import platform
 import resource
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -49,9 +52,73 @@ def random_gt_boxes(rng: np.random.Generator, batch: int, num: int, image_hw) ->
     return boxes.astype(np.float32)
 
 
+def load_config(module: str, overrides: dict | None = None, settings: tuple[str, ...] = ()):
+    """``module.get_config()`` with ``overrides`` (``{"data.pad_to": (512, 512)}``) and then
+    ``settings`` ("field.path=value" strings, the value parsed as a Python literal, e.g.
+    ``model.head_dim=16``) applied."""
+    config = importlib.import_module(module).get_config()
+    changes = list((overrides or {}).items())
+    for setting in settings:
+        path, sep, value = setting.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects field.path=value, got {setting!r}")
+        changes.append((path, ast.literal_eval(value)))
+    for path, value in changes:
+        *parents, field = path.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[field] = value
+    return config
+
+
+def random_batch(config, seed: int = 0) -> dict:
+    """A batch with the input pipeline's structure: images ``[B, H, W, 3]``, xyxy ``boxes
+    [B, G, 4]`` (8 valid per image, the rest padding), ``valid``/``ignore`` ``[B, G]``,
+    ``image_hw [B, 2]``, ``example_valid [B]``, ``num_dropped [B]``, ``index [B]``."""
+    rng = np.random.default_rng(seed)
+    b, (h, w), g = config.batch_size, config.data.pad_to, config.data.max_boxes
+    valid = np.zeros((b, g), bool)
+    valid[:, : min(g, 8)] = True
+    return {
+        "image": rng.normal(0.0, 1.0, (b, h, w, 3)).astype(np.float32),
+        "boxes": random_gt_boxes(rng, b, g, (h, w)) * valid[..., None],
+        "valid": valid,
+        "ignore": np.zeros((b, g), bool),
+        "image_hw": np.tile(np.array([h, w], np.int32), (b, 1)),
+        "num_dropped": np.zeros((b,), np.int32),
+        "example_valid": np.ones((b,), bool),
+        "index": np.arange(b, dtype=np.int32),
+    }
+
+
+def set_compilation_cache(cache_dir: str) -> None:
+    """Cache every compiled JAX program in ``cache_dir`` (however quick its compile)."""
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def block(tree):
-    """Wait for every JAX array in ``tree`` (other leaves pass through); returns ``tree``."""
-    return jax.block_until_ready(tree)
+    """Wait for every JAX array in ``tree`` (other leaves pass through), and for queued CUDA
+    work of PyTorch if it uses a GPU; returns ``tree``."""
+    out = jax.block_until_ready(tree)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return out
+
+
+class Timer:
+    """``with Timer() as t: ...`` -> ``t.seconds``, the block's wall-clock time."""
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+        return False
 
 
 def _stats(wall: list[float], cpu: list[float]) -> dict:
@@ -165,6 +232,16 @@ def machine() -> str:
         f"{model}, {os.cpu_count()} cores, jax {jax.__version__} on "
         f"{devices[0].platform} ({len(devices)} device{'s' * (len(devices) > 1)})"
     )
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, e.g. ``"load 0.52 / 1.40 / 0.80"``: how busy the
+    (possibly shared) machine was; quote it next to each figure."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "load unknown"
+    return f"load {one:.2f} / {five:.2f} / {fifteen:.2f}"
 
 
 def table(headers: list[str], rows: list[list]) -> str:

@@ -1,5 +1,7 @@
-"""NMS speed, side by side in one process: jax_rpn.nms (jitted) vs TensorFlow's CPU kernels
-(`tf.image.non_max_suppression`, `tf.image.non_max_suppression_padded`) vs a numpy greedy.
+"""NMS speed, side by side in one process: jax_rpn.nms (jitted) vs `torchvision.ops.nms` (its
+C++ CPU kernel), TensorFlow's CPU kernels (`tf.image.non_max_suppression`,
+`tf.image.non_max_suppression_padded`) and a numpy greedy; and `jax_rpn.nms.batched_nms` vs
+`torchvision.ops.batched_nms` on per-level RPN candidates.
 
     python benchmarks/nms.py            # full table (about 2 minutes on 2 cores)
     python benchmarks/nms.py --quick    # RPN-like 6000 -> 1000 and 12000 -> 1000 only
@@ -13,8 +15,15 @@ Inputs are xyxy pixel boxes on an 800 x 1333 image, IoU threshold 0.7:
             few hundred survive, so every method must visit all N boxes.
 Scores are made distinct (a rank transform) so that every method visits boxes in the same
 order, and coordinates are continuous so that no IoU equals the threshold exactly (TF
-suppresses at IoU >= thr, we at > thr). Times are medians over repeats after a warm-up; the
-implementations take turns within each repeat, so load from other processes hits all alike.
+suppresses at IoU >= thr, we and torchvision at > thr). torchvision's kernel has no output
+cap: it keeps every survivor, and its first `max_output` are compared. Times are medians over
+repeats after a warm-up; the implementations take turns within each repeat, so load from
+other processes hits all alike.
+
+Batched (level-aware) NMS: 5 pyramid levels of RPN-like candidates (N / 5 per level, as
+`pre_nms_topk` per level gives), groups = levels; `torchvision.ops.batched_nms` (on CPU above
+4000 coordinates: one `nms` per level, then a sort) vs `jax_rpn.nms.batched_nms` (one pass,
+suppression masked by group), first 1000 kept.
 """
 
 import argparse
@@ -28,11 +37,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if not __package__:  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# torch before TensorFlow: the other order crashes (segfault) at the first torch op here.
+import torch  # noqa: E402, I001
+import torchvision  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from benchmarks.torchvision_rpn import DEVICE  # noqa: E402
 from jax_rpn import nms  # noqa: E402
 
 IMAGE_HW = (800, 1333)
@@ -108,11 +121,15 @@ def run_case(kind, n, max_output, repeats, numpy_repeats, rng, clock):
     boxes, scores = {"rpn-like": rpn_like, "uniform": uniform, "dense": dense}[kind](n, rng)
     jb, js = jax.device_put(boxes), jax.device_put(scores)
     tb, ts = tf.constant(boxes), tf.constant(scores)
+    pb, ps = (torch.from_numpy(x).to(DEVICE) for x in (boxes, scores))
 
     ours_fn = jax.jit(partial(nms.nms, iou_threshold=IOU_THRESHOLD, max_output=max_output))
 
     def ours():
         return jax.block_until_ready(ours_fn(jb, js))
+
+    def tv_kernel():
+        return torchvision.ops.nms(pb, ps, IOU_THRESHOLD)[:max_output].cpu().numpy()
 
     def tf_kernel():
         return tf.image.non_max_suppression(tb, ts, max_output, IOU_THRESHOLD).numpy()
@@ -126,7 +143,8 @@ def run_case(kind, n, max_output, repeats, numpy_repeats, rng, clock):
     def numpy_ref():
         return numpy_greedy(boxes, scores, IOU_THRESHOLD, max_output)
 
-    fns = {"ours": ours, "tf": tf_kernel, "tf_padded": tf_padded, "numpy": numpy_ref}
+    fns = {"ours": ours, "tv": tv_kernel, "tf": tf_kernel, "tf_padded": tf_padded}
+    fns["numpy"] = numpy_ref
     results = {name: fn() for name, fn in fns.items()}  # warm-up (compiles)
     times = {name: [] for name in fns}
     for r in range(repeats):
@@ -144,6 +162,7 @@ def run_case(kind, n, max_output, repeats, numpy_repeats, rng, clock):
     pad_kept = pad_idx[: int(pad_num)]
     agree = {
         "numpy": np.array_equal(kept, results["numpy"]),
+        "tv": np.array_equal(kept, results["tv"]),
         "tf": np.array_equal(kept, tf_idx),
         "tf_padded": np.array_equal(kept, pad_kept),
     }
@@ -160,6 +179,39 @@ def run_case(kind, n, max_output, repeats, numpy_repeats, rng, clock):
     )
 
 
+def run_batched_case(n, max_output, num_levels, repeats, rng, clock):
+    """Level-aware NMS of ``n`` RPN-like boxes split evenly over ``num_levels`` groups."""
+    boxes, scores = rpn_like(n, rng)
+    groups = rng.permutation(np.arange(n) % num_levels).astype(np.int32)
+    jb, js, jg = (jax.device_put(x) for x in (boxes, scores, groups))
+    pb, ps, pg = (torch.from_numpy(x).to(DEVICE) for x in (boxes, scores, groups.astype(np.int64)))
+    ours_fn = jax.jit(partial(nms.batched_nms, iou_threshold=IOU_THRESHOLD, max_output=max_output))
+
+    def ours():
+        return jax.block_until_ready(ours_fn(jb, js, jg))
+
+    def tv():
+        keep = torchvision.ops.batched_nms(pb, ps, pg, IOU_THRESHOLD)
+        return keep[:max_output].cpu().numpy()
+
+    fns = {"ours": ours, "tv": tv}
+    results = {name: fn() for name, fn in fns.items()}  # warm-up (compiles)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = clock()
+            fn()
+            times[name].append(clock() - t0)
+    idx, num = results["ours"]
+    kept = np.asarray(idx)[: int(num)]
+    med = {name: _median_ms(t) for name, t in times.items()}
+    agree = "yes" if np.array_equal(kept, results["tv"]) else "NO"
+    return [f"rpn-like, {num_levels} levels", n, max_output, len(kept), med["ours"], med["tv"]] + [
+        f"{med['tv'] / med['ours']:.1f}x",
+        agree,
+    ]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="RPN-like N -> 1000 cases only")
@@ -173,6 +225,7 @@ def main():
     args = parser.parse_args()
     if args.quick:
         cases = [("rpn-like", n, 1000) for n in (6000, 12000)]
+        batched = [(10000, 1000)]
         repeats = args.repeats or 20
     else:
         cases = [
@@ -181,51 +234,43 @@ def main():
             for n in (2000, 6000, 12000)
             for k in (300, 1000)
         ]
+        batched = [(5000, 1000), (10000, 1000), (10000, 2000)]
         repeats = args.repeats or 30
     clock = time.process_time if args.cpu_time else time.perf_counter
+    load_before = common.load_average()
     rng = np.random.default_rng(0)
     rows = []
     for kind, n, k in cases:
         r = run_case(kind, n, k, repeats, NUMPY_REPEATS, rng, clock)
         m, a = r["med"], r["agree"]
         padded = "yes" if a["tf_padded"] else f"no ({100 * r['padded_overlap']:.0f}% shared)"
-        agree = f"{'yes' if a['numpy'] else 'NO'}, {'yes' if a['tf'] else 'NO'}, {padded}"
+        agree = ", ".join("yes" if a[name] else "NO" for name in ("numpy", "tv", "tf"))
         rows.append(
-            [
-                kind,
-                n,
-                k,
-                r["kept"],
-                m["ours"],
-                m["tf"],
-                m["tf_padded"],
-                m["numpy"],
-                f"{m['tf'] / m['ours']:.1f}x",
-                f"{m['tf_padded'] / m['ours']:.1f}x",
-                agree,
-            ]
+            [kind, n, k, r["kept"], m["ours"], m["tv"], m["tf"], m["tf_padded"], m["numpy"]]
+            + [f"{m['tv'] / m['ours']:.1f}x", f"{m['tf'] / m['ours']:.1f}x"]
+            + [f"{m['tf_padded'] / m['ours']:.1f}x", f"{agree}, {padded}"]
         )
         print(f"done {kind} {n} -> {k}", file=sys.stderr, flush=True)
+    batched_rows = [run_batched_case(n, k, 5, repeats, rng, clock) for n, k in batched]
     what = "process CPU" if args.cpu_time else "wall"
-    print(f"Machine: {common.machine()}; TensorFlow {tf.__version__}, NumPy {np.__version__}")
+    print(f"Machine: {common.machine()}")
+    print(
+        f"torchvision {torchvision.__version__} (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads), TensorFlow {tf.__version__}, NumPy {np.__version__}"
+    )
+    print(f"Load: {load_before} before, {common.load_average()} after")
     print(
         f"IoU threshold {IOU_THRESHOLD}; median {what} ms over {repeats} repeats "
         f"(numpy: {NUMPY_REPEATS})\n"
     )
-    headers = [
-        "boxes",
-        "N",
-        "max_output",
-        "kept",
-        "ours ms",
-        "TF ms",
-        "TF padded ms",
-        "numpy ms",
-        "TF / ours",
-        "TF padded / ours",
-        "agree (numpy, TF, TF padded)",
-    ]
+    headers = ["boxes", "N", "max_output", "kept", "ours ms", "torchvision ms", "TF ms"]
+    headers += ["TF padded ms", "numpy ms", "torchvision / ours", "TF / ours", "TF padded / ours"]
+    headers += ["agree (numpy, torchvision, TF, TF padded)"]
     print(common.table(headers, rows))
+    print(f"\nLevel-aware NMS (batched_nms), median {what} ms\n")
+    headers = ["boxes", "N", "max_output", "kept", "ours ms", "torchvision ms"]
+    headers += ["torchvision / ours", "agree"]
+    print(common.table(headers, batched_rows))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ config only, fewer steps; ``--set model.head_dim=16``, repeatable: change a conf
 """
 
 import argparse
-import ast
-import importlib
 import json
 import os
 import subprocess
@@ -42,7 +40,6 @@ if not __package__:  # run as a file: make the repository root importable
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
@@ -51,7 +48,7 @@ from benchmarks import common  # noqa: E402
 CONFIGS = {
     "default": ("configs.default", {}),
     "cascade": ("configs.cascade", {}),
-    "coco_r50_fpn": ("configs.coco_r50_fpn", {"pad_to": (256, 384), "batch_size": 2}),
+    "coco_r50_fpn": ("configs.coco_r50_fpn", {"data.pad_to": (256, 384), "batch_size": 2}),
 }
 
 
@@ -59,41 +56,7 @@ def load_config(name: str, settings: tuple[str, ...] = ()):
     """The named config with its CPU-size overrides, then ``settings`` ("field.path=value",
     the value parsed as a Python literal, e.g. ``model.head_dim=16``) applied."""
     module, overrides = CONFIGS[name]
-    config = importlib.import_module(module).get_config()
-    if "pad_to" in overrides:
-        config.data.pad_to = overrides["pad_to"]
-    if "batch_size" in overrides:
-        config.batch_size = overrides["batch_size"]
-    for setting in settings:
-        path, sep, value = setting.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects field.path=value, got {setting!r}")
-        *parents, field = path.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[field] = ast.literal_eval(value)
-    return config
-
-
-def random_batch(config, seed: int = 0) -> dict:
-    """A batch with the input pipeline's structure: images ``[B, H, W, 3]``, xyxy ``boxes
-    [B, G, 4]`` (8 valid per image, the rest padding), ``valid``/``ignore`` ``[B, G]``,
-    ``image_hw [B, 2]``, ``example_valid [B]``, ``num_dropped [B]``, ``index [B]``."""
-    rng = np.random.default_rng(seed)
-    b, (h, w), g = config.batch_size, config.data.pad_to, config.data.max_boxes
-    valid = np.zeros((b, g), bool)
-    valid[:, : min(g, 8)] = True
-    return {
-        "image": rng.normal(0.0, 1.0, (b, h, w, 3)).astype(np.float32),
-        "boxes": common.random_gt_boxes(rng, b, g, (h, w)) * valid[..., None],
-        "valid": valid,
-        "ignore": np.zeros((b, g), bool),
-        "image_hw": np.tile(np.array([h, w], np.int32), (b, 1)),
-        "num_dropped": np.zeros((b,), np.int32),
-        "example_valid": np.ones((b,), bool),
-        "index": np.arange(b, dtype=np.int32),
-    }
+    return common.load_config(module, overrides, settings)
 
 
 def make_partial_step(config, model, tx, *, upto: str):
@@ -134,7 +97,8 @@ def make_partial_step(config, model, tx, *, upto: str):
 
 def build(config, *, variant: str = "full"):
     """(jitted step, replicated state, sharded batch) as ``jax_rpn.training.Trainer`` builds
-    them; ``variant`` "full", "features" or "head" (see :func:`make_partial_step`)."""
+    them (the step donates the state it is given); ``variant`` "full", "features" or "head"
+    (see :func:`make_partial_step`)."""
     from jax_rpn import parallel, training
     from jax_rpn.models import build_rpn
     from jax_rpn.optim import create_optimizer
@@ -152,21 +116,19 @@ def build(config, *, variant: str = "full"):
     else:
         per_device = make_partial_step(config, model, tx, upto=variant)
     step = parallel.parallelize(
-        per_device, mode=config.parallelism, mesh=mesh, replicated_out=(True, True)
+        per_device,
+        mode=config.parallelism,
+        mesh=mesh,
+        replicated_out=(True, True),
+        donate_state=True,
     )
-    batch = parallel.shard_batch(random_batch(config), mode=config.parallelism, mesh=mesh)
+    batch = parallel.shard_batch(common.random_batch(config), mode=config.parallelism, mesh=mesh)
     return step, state, batch
-
-
-def set_cache(cache_dir: str) -> None:
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def compile_only(name: str, cache_dir: str, settings: tuple[str, ...] = ()) -> dict:
     """In this process: build the full step, time ``lower`` and ``compile``, run one step."""
-    set_cache(cache_dir)
+    common.set_compilation_cache(cache_dir)
     config = load_config(name, settings)
     step, state, batch = build(config)
     before = len(os.listdir(cache_dir)) if os.path.isdir(cache_dir) else 0
@@ -222,14 +184,14 @@ def bench_config(
     cache_dir = os.path.join(cache_root, name)
     cold = compile_in_subprocess(name, cache_dir, settings)
     warm = compile_in_subprocess(name, cache_dir, settings)
-    set_cache(cache_dir)  # the full step below then loads from the warm cache
+    common.set_compilation_cache(cache_dir)  # the full step below then loads from the warm cache
 
     calls, flops = {}, {}
     for variant in ("full", "features", "head"):
         step, state, batch = build(config, variant=variant)
         compiled = step.lower(state, batch).compile()
         flops[variant] = compiled_flops(compiled)
-        common.block(compiled(state, batch))  # first step
+        state, _ = common.block(compiled(state, batch))  # first step (the state is donated)
         calls[variant] = step_fn(compiled, state, batch)
     # Interleaved, so load changes on the shared machine hit the three variants alike.
     times = common.time_interleaved(calls, repeats=repeats, warmup=warmup)
