@@ -58,13 +58,7 @@ def _run_config(workdir: str):
     stored = checkpoints.read_config(workdir) if os.path.isdir(workdir) else None
     if stored is None or flags.FLAGS["config"].present:
         return _CONFIG.value
-    overrides = config_flags.get_override_values(flags.FLAGS["config"])
-    for field, value in overrides.items():
-        node = stored
-        *path, last = field.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
+    checkpoints.apply_overrides(stored, config_flags.get_override_values(flags.FLAGS["config"]))
     print(
         f"Using the config stored in {os.path.join(workdir, checkpoints.CONFIG_FILE)}", flush=True
     )

@@ -68,6 +68,17 @@ def _like(default, value):
     return value
 
 
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
+    """Write ``{"field.path": value}`` (e.g. ``config_flags.get_override_values``) over
+    ``config`` in place."""
+    for field, value in overrides.items():
+        node = config
+        *path, last = field.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+
+
 def write_config(directory: str, config: ml_collections.ConfigDict) -> str:
     """Write ``config.json`` into ``directory`` atomically; returns its path."""
     path = os.path.join(directory, CONFIG_FILE)

@@ -31,6 +31,12 @@ from jax_rpn.models.cascade_head import CascadeHead, CascadeRPNOutput
 from jax_rpn.optim import create_optimizer
 from jax_rpn.settings import CascadeSettings, LossSettings, ProposalSettings, TargetSettings
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compile(fast_compile_module):
+    """Every test here compiles a model or a train step: XLA's optimisations off (conftest)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Adaptive convolution
 
@@ -590,6 +596,7 @@ def test_cascade_train_step_compiles_once_and_learns(tiny_model):
 
 def test_configs_follow_mmdetection_and_validate():
     coco = coco_r50_fpn_cascade.get_config()
+    coco.init.checkpoint = "R-50.pkl"  # frozen BN wants weights; the file is read at training
     config_checks.validate(coco)
     assert coco.anchors.sizes == ((32,), (64,), (128,), (256,), (512,))  # scales=[8]
     assert coco.targets.weights == (20.0, 20.0, 10.0, 10.0)  # 1 / (0.05, 0.05, 0.1, 0.1)

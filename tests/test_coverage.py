@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import matplotlib.image
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from PIL import Image
 
 from configs import tiny
 from jax_rpn import anchors
-from jax_rpn.coverage import analysis, anchor_fit, report
+from jax_rpn.coverage import analysis, anchor_fit, proposals, report
 from jax_rpn.data import shapes
 from jax_rpn.settings import TargetSettings
 
@@ -323,3 +324,82 @@ def test_run_with_aspect_buckets_uses_each_buckets_anchors(tmp_path):
         assert worst[port]["box"] == [y1, x1, y2, x2]  # transposed
         assert worst[port]["best_iou"] == worst[land]["best_iou"] > 0.4
     assert "at most 64x128 or 128x64" in report.format_report(result)
+
+
+# --- proposal coverage (--model) ----------------------------------------------------------------
+
+
+def test_best_proposal_iou_matches_numpy_over_top_k_valid_proposals():
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 50, (2, 20, 2))
+    props = np.concatenate([xy, xy + rng.uniform(2, 30, (2, 20, 2))], -1).astype(np.float32)
+    valid = rng.random((2, 20)) < 0.7
+    xy = rng.uniform(0, 50, (2, 5, 2))
+    gt = np.concatenate([xy, xy + rng.uniform(2, 30, (2, 5, 2))], -1).astype(np.float32)
+    gt[1, 4] = 0.0  # a padding slot: zero area
+    got = proposals.best_proposal_iou(props, valid, gt, top_k=12)
+    for b in range(2):
+        iou = _numpy_iou(gt[b].astype(np.float64), props[b, :12].astype(np.float64))  # [G, 12]
+        iou = np.where(valid[b, :12], np.nan_to_num(iou), 0.0)
+        np.testing.assert_allclose(got[b], iou.max(axis=1), rtol=1e-6, atol=1e-7)
+    assert got[1, 4] == 0.0
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, K=20\]"):
+        proposals.best_proposal_iou(props, valid, gt, top_k=21)
+
+
+def _random_model(config):
+    from jax_rpn.models import build_rpn, init_variables
+
+    h, w = config.data.pad_to
+    return init_variables(build_rpn(config), jax.random.key(0), (1, h, w, 3))
+
+
+def test_proposal_coverage_counts_boxes_with_a_good_proposal(data_dir, fast_compile):
+    """Checked against the model's proposals from ``predict_proposals`` and a numpy IoU."""
+    from jax_rpn import inference
+    from jax_rpn.data import pipeline
+
+    config = _tiny_config(data_dir)
+    variables = _random_model(config)
+    result = proposals.run_proposals(
+        config, variables, model="random", top_k=30, max_images=6, progress=False
+    )
+    cfg = config.copy_and_resolve_references()
+    cfg.data.num_eval_images = 6
+    best = []
+    for batch in pipeline.create_eval_iterator(cfg, process_index=0, process_count=1):
+        props = inference.predict_proposals(
+            variables, batch["image"], batch["image_hw"], config=cfg
+        )
+        for i in np.flatnonzero(batch["example_valid"]):
+            use = batch["valid"][i] & ~batch["ignore"][i]
+            p = np.asarray(props.boxes[i, :30], np.float64)[np.asarray(props.valid[i, :30])]
+            iou = _numpy_iou(np.asarray(batch["boxes"][i][use], np.float64), p)
+            best += list(iou.max(axis=1) if p.size else np.zeros(int(use.sum())))
+    best = np.array(best)
+    o = result["summary"]["overall"]
+    assert result["setup"]["num_images"] == 6 and o["boxes"] == best.size > 0
+    assert o["iou>=0.5"] == pytest.approx(np.mean(best >= 0.5))
+    assert o["iou>=0.7"] == pytest.approx(np.mean(best >= 0.7))
+    assert o["mean_best_iou"] == pytest.approx(best.mean(), rel=1e-5)
+    assert sum(r["boxes"] for r in result["summary"]["sizes"]) == o["boxes"]
+    text = proposals.format_proposal_report(result)
+    assert "Does every object get a good proposal?" in text and "top 30 proposals" in text
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, config.proposals"):
+        proposals.run_proposals(config, variables, model="random", top_k=10**6, max_images=1)
+
+
+def test_cli_proposal_coverage_of_a_saved_model(data_dir, tmp_path):
+    from jax_rpn import checkpoints
+
+    config = _tiny_config(data_dir)
+    model = str(tmp_path / "model")
+    checkpoints.save_variables(model, _random_model(config), config=config)
+    cmd = [sys.executable, "-m", "jax_rpn.coverage", f"--model={model}", "--max_images=3"]
+    cmd += ["--top_k=20", "--json"]
+    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true")  # compile time
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)  # the stored config: rpn_shapes/small from data_dir
+    assert result["setup"]["num_images"] == 3 and result["setup"]["top_k"] == 20
+    assert os.path.exists(os.path.join(model, "coverage", "proposal_report.txt"))

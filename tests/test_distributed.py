@@ -57,14 +57,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_match_one_process(tmp_path, fast_compile):
     import jax
     from test_training import _run_steps
 
     from jax_rpn import parallel
 
     port, out = _free_port(), str(tmp_path / "params.npz")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_DISABLE_MOST_OPTIMIZATIONS="true",  # compile time; both runs alike
+    )
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(__file__))])
     procs = [
         subprocess.Popen(

@@ -13,6 +13,11 @@ from jax_rpn.objective import rpn_objective
 from jax_rpn.settings import LossSettings, TargetSettings
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compile(fast_compile_module):
+    """Every test here compiles a model or a train step: XLA's optimisations off (conftest)."""
+
+
 def _batch(batch_size=2):
     boxes = np.zeros((batch_size, 8, 4), np.float32)
     boxes[:, 0] = [4, 6, 30, 22]

@@ -69,7 +69,7 @@ def _run_steps(config, mesh, mode, batches, *, trace_limit=None):
 @pytest.mark.parametrize(
     "mode,norm", [("shard_map", "frozen_bn"), ("pmap", "frozen_bn"), ("shard_map", "batch_norm")]
 )
-def test_four_devices_match_one_device(mode, norm):
+def test_four_devices_match_one_device(mode, norm, fast_compile):
     """3 steps on 4 devices (2 images each) == 3 steps on 1 device with the same 8 images."""
     config = _config(**{"model.norm": norm})
     rng = np.random.default_rng(0)
@@ -96,7 +96,7 @@ def test_four_devices_match_one_device(mode, norm):
         np.testing.assert_allclose(p4, p1, atol=0.1 * update + 1e-7, err_msg=str(path))
 
 
-def test_train_step_compiles_once():
+def test_train_step_compiles_once(fast_compile):
     config = _config()
     rng = np.random.default_rng(1)
     batches = [_random_batch(rng, config, 8) for _ in range(3)]
@@ -105,7 +105,7 @@ def test_train_step_compiles_once():
     assert all(np.isfinite(m["loss"]) for m in metrics)
 
 
-def test_nonfinite_loss_keeps_parameters():
+def test_nonfinite_loss_keeps_parameters(fast_compile):
     config = _config()
     rng = np.random.default_rng(2)
     bad = _random_batch(rng, config, 8)
@@ -251,7 +251,9 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, shapes_dir):
     assert f"{eval_a['AR@100']:8.4f}" in evaluated.stdout
 
 
-def test_nan_stops_training_and_keeps_last_checkpoint(tmp_path, shapes_dir, monkeypatch):
+def test_nan_stops_training_and_keeps_last_checkpoint(
+    tmp_path, shapes_dir, monkeypatch, fast_compile
+):
     monkeypatch.setattr(training, "set_up_compilation_cache", lambda workdir: None)
     config = _config(
         **{
