@@ -371,7 +371,9 @@ def predict_images(
     compile_s = 0.0
     with (
         concurrent.futures.ThreadPoolExecutor(1) as pool,
-        tqdm(total=len(plans), unit="image", disable=not progress, leave=False) as bar,
+        tqdm(
+            total=len(plans), unit="image", disable=None if progress else True, leave=False
+        ) as bar,
     ):
         pending = collections.deque(
             pool.submit(load_batch, j, batch_size, config) for j in jobs[:2]

@@ -181,7 +181,8 @@ def load_ground_truth(
 ) -> GroundTruth:
     """The ground truth of ``split`` (default ``config.data.eval_split``) through the eval pipeline.
 
-    No flip, no shuffle; the first ``max_images`` images (None: all). Shows a progress bar.
+    No flip, no shuffle; the first ``max_images`` images (None: all). Shows a progress bar on a
+    terminal.
     """
     from jax_rpn.data import pipeline  # keeps `import jax_rpn.coverage` free of tfds and grain
 
@@ -193,7 +194,10 @@ def load_ground_truth(
     total = pipeline.dataset_info(cfg).num_eval_examples
     parts = []
     bar = tqdm(
-        total=total, desc=f"boxes of {cfg.data.eval_split}", unit="img", disable=not progress
+        total=total,
+        desc=f"boxes of {cfg.data.eval_split}",
+        unit="img",
+        disable=None if progress else True,
     )
     fields = ("boxes", "valid", "ignore", "image_hw", "index", "num_dropped")
     for batch in pipeline.create_eval_iterator(cfg, process_index=0, process_count=1):
@@ -274,7 +278,9 @@ def compute_coverage(
             images_per_step=per_step,
             count_positives=count_positives,
         )
-        for start in tqdm(range(0, len(rows), b), desc=desc, unit="batch", disable=not progress):
+        for start in tqdm(
+            range(0, len(rows), b), desc=desc, unit="batch", disable=None if progress else True
+        ):
             part = rows[start : start + b]
             pad = b - len(part)  # the last batch is padded with empty images
             arrays = [

@@ -85,7 +85,10 @@ def proposal_coverage(
     total = pipeline.dataset_info(cfg).num_eval_examples
     parts, num_images = [], 0
     bar = tqdm(
-        total=total, desc=f"proposals of {cfg.data.eval_split}", unit="img", disable=not progress
+        total=total,
+        desc=f"proposals of {cfg.data.eval_split}",
+        unit="img",
+        disable=None if progress else True,
     )
     for batch in pipeline.create_eval_iterator(cfg, process_index=0, process_count=1):
         props = predict(variables, batch["image"], batch["image_hw"])
