@@ -84,7 +84,7 @@ def make_step_with_proposals(config, model, tx, schedule):
     (``inference.proposals_from_outputs`` with the ``_train`` top-k, on the step's own
     outputs), as a two-stage detector's first stage needs them. Returns ``(state, metrics,
     proposals)``."""
-    from jax_rpn import inference, parallel, training
+    from jax_rpn import inference, training
     from jax_rpn.objective import rpn_objective
     from jax_rpn.settings import LossSettings, ProposalSettings, TargetSettings
 
@@ -116,24 +116,10 @@ def make_step_with_proposals(config, model, tx, schedule):
         (_, (metrics, new_model_state, props)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
-        grads = jax.lax.pmean(grads, parallel.AXIS)
-        metrics = jax.lax.pmean(metrics, parallel.AXIS)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new = state.replace(
-            params=optax.apply_updates(state.params, updates),
-            opt_state=opt_state,
-            model_state={**state.model_state, **new_model_state},
+        state, metrics = training.apply_gradients(
+            state, grads, metrics, new_model_state, tx=tx, schedule=schedule
         )
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-        metrics = {
-            **metrics,
-            "grad_norm": grad_norm,
-            "learning_rate": schedule(state.step),
-            "finite": finite.astype(jnp.float32),
-        }
-        return new.replace(step=state.step + 1), metrics, props
+        return state, metrics, props
 
     return train_step
 

@@ -79,6 +79,31 @@ def _image_keys(key, step, batch_size):
     return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first + jnp.arange(batch_size))
 
 
+def apply_gradients(state, grads, metrics, new_model_state, *, tx, schedule):
+    """The per-device end of a train step: gradients and metrics averaged over the devices,
+    the optimizer update, and the step counted -> ``(state, metrics)``. A step whose loss or
+    gradient norm is not finite keeps the old parameters, optimizer and model state and
+    reports ``finite = 0``; ``grad_norm`` and ``learning_rate`` are added to the metrics."""
+    grads = jax.lax.pmean(grads, parallel.AXIS)
+    metrics = jax.lax.pmean(metrics, parallel.AXIS)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = state.replace(
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        model_state={**state.model_state, **new_model_state},
+    )
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics = {
+        **metrics,
+        "grad_norm": grad_norm,
+        "learning_rate": schedule(state.step),
+        "finite": finite.astype(jnp.float32),
+    }
+    return new.replace(step=state.step + 1), metrics
+
+
 def make_train_step(config, model, tx, schedule):
     """Per-device ``train_step(state, batch) -> (state, metrics)``; metrics are pmean-ed.
 
@@ -123,24 +148,7 @@ def make_train_step(config, model, tx, schedule):
         (_, (metrics, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
-        grads = jax.lax.pmean(grads, parallel.AXIS)
-        metrics = jax.lax.pmean(metrics, parallel.AXIS)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new = state.replace(
-            params=optax.apply_updates(state.params, updates),
-            opt_state=opt_state,
-            model_state={**state.model_state, **new_model_state},
-        )
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-        metrics = {
-            **metrics,
-            "grad_norm": grad_norm,
-            "learning_rate": schedule(state.step),
-            "finite": finite.astype(jnp.float32),
-        }
-        return new.replace(step=state.step + 1), metrics
+        return apply_gradients(state, grads, metrics, new_model_state, tx=tx, schedule=schedule)
 
     return train_step
 

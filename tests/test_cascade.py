@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_training import _random_batch  # tests/ is on sys.path (pytest rootdir)
 
 from configs import cascade as cascade_config
 from configs import coco_r50_fpn_cascade, tiny
@@ -466,21 +467,6 @@ def _tiny_cascade_config():
     return c
 
 
-def _batch(rng, config, batch_size):
-    h, w = config.data.pad_to
-    g = config.data.max_boxes
-    xy = rng.uniform(0, 40, (batch_size, g, 2))
-    wh = rng.uniform(6, 24, (batch_size, g, 2))
-    return {
-        "image": rng.normal(size=(batch_size, h, w, 3)).astype(np.float32),
-        "boxes": np.concatenate([xy, xy + wh], -1).astype(np.float32),
-        "valid": rng.uniform(size=(batch_size, g)) < 0.6,
-        "ignore": np.zeros((batch_size, g), bool),
-        "image_hw": np.tile(np.array([[h, w]], np.int32), (batch_size, 1)),
-        "example_valid": np.ones((batch_size,), bool),
-    }
-
-
 @pytest.fixture(scope="module")
 def tiny_model():
     config = _tiny_cascade_config()
@@ -531,7 +517,7 @@ def test_gradients_finite_for_degenerate_refined_anchors():
     rng = np.random.default_rng(4)
     features = [rng.normal(size=(2, *hw, 8)).astype(np.float32) for hw in hws]
     image_hw = jnp.array([[64, 64], [48, 64]])
-    batch = _batch(rng, config, 2)
+    batch = _random_batch(rng, config, 2)
     head = CascadeHead(conv_dim=8)
     variables = head.init(jax.random.key(0), features, anchors, strides, image_hw)
 
@@ -566,7 +552,7 @@ def test_cascade_train_step_compiles_once_and_learns(tiny_model):
     """The trainer's step with the cascade head: one program for every step, on 2 devices."""
     config, _, variables = tiny_model
     rng = np.random.default_rng(5)
-    batches = [_batch(rng, config, 8) for _ in range(3)]
+    batches = [_random_batch(rng, config, 8) for _ in range(3)]
     mesh = parallel.data_mesh(jax.devices()[:2])
     model = build_rpn(config, axis_name=parallel.AXIS)
     tx, schedule = create_optimizer(config.optim, config.num_train_steps)

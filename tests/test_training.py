@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
-from jax_rpn import config_checks, parallel, training
+from jax_rpn import checkpoints, config_checks, parallel, training
 from jax_rpn.models import build_rpn, frozen_parameters
 from jax_rpn.optim import create_optimizer
 
@@ -24,12 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _config(**overrides):
     c = tiny.get_config()
     c.optim.learning_rate = 0.05
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    checkpoints.apply_overrides(c, overrides)
     return c
 
 

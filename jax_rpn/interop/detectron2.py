@@ -24,9 +24,6 @@ R50-C4 exactly.
 
 from __future__ import annotations
 
-import os
-import time
-
 import numpy as np
 
 from jax_rpn.interop import keymap
@@ -186,11 +183,7 @@ def from_detectron2(source, config) -> tuple[dict, keymap.LoadReport]:
     the return value and errors are those of
     :func:`jax_rpn.interop.torchvision.from_torchvision`.
     """
-    start = time.perf_counter()
-    path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "state dict"
-    variables, report = convert_state(read_state_dict(source, path=path), config, source=path)
-    report.seconds = time.perf_counter() - start
-    return variables, report
+    return keymap.convert_timed(source, config, read=read_state_dict, convert=convert_state)
 
 
 def convert_state(state: dict, config, *, source: str, tmpl=None) -> tuple[dict, keymap.LoadReport]:

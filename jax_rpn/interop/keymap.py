@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
+import time
 from collections.abc import Callable, Mapping
 
 import jax
@@ -312,6 +314,16 @@ def place(
     report.left_random = tuple(p for p in PARTS if p in left_random)
     # One contiguous float32 copy of each array (kernels arrive as transposed views).
     return unflatten({p: np.ascontiguousarray(v, np.float32) for p, v in found.items()})
+
+
+def convert_timed(source, config, *, read, convert) -> tuple[dict, LoadReport]:
+    """``convert(read(source, path=...), config, source=...)``, the time taken written into the
+    report: the body of every ``from_*`` (``source`` a path or a state dict already read)."""
+    start = time.perf_counter()
+    path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "state dict"
+    variables, report = convert(read(source, path=path), config, source=path)
+    report.seconds = time.perf_counter() - start
+    return variables, report
 
 
 def convert(

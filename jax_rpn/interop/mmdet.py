@@ -21,9 +21,6 @@ mmdet's ImageNet backbones are torchvision's (``torchvision://resnet50``): conve
 
 from __future__ import annotations
 
-import os
-import time
-
 from jax_rpn.interop import keymap
 from jax_rpn.interop.safe_load import CheckpointError, read_state_dict
 
@@ -84,11 +81,7 @@ def layout(config) -> keymap.Layout:
 def from_mmdet(source, config) -> tuple[dict, keymap.LoadReport]:
     """mmdet weights (a ``.pth`` path or a state dict) -> ``(variables, report)``; the return
     value and errors are those of :func:`jax_rpn.interop.torchvision.from_torchvision`."""
-    start = time.perf_counter()
-    path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "state dict"
-    variables, report = convert_state(read_state_dict(source, path=path), config, source=path)
-    report.seconds = time.perf_counter() - start
-    return variables, report
+    return keymap.convert_timed(source, config, read=read_state_dict, convert=convert_state)
 
 
 def convert_state(state: dict, config, *, source: str, tmpl=None) -> tuple[dict, keymap.LoadReport]:

@@ -19,9 +19,7 @@ and ``configs/torchvision_fasterrcnn_r50_fpn_v2.py``.
 
 from __future__ import annotations
 
-import os
 import re
-import time
 
 from jax_rpn.interop import keymap
 from jax_rpn.interop.safe_load import read_state_dict
@@ -135,11 +133,7 @@ def from_torchvision(source, config) -> tuple[dict, keymap.LoadReport]:
       CheckpointError (``CheckpointMismatchError``) naming every missing, unexpected or
       wrongly shaped key; ``UnsafeCheckpointError`` for files that would run code.
     """
-    start = time.perf_counter()
-    path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "state dict"
-    variables, report = convert_state(read_state_dict(source, path=path), config, source=path)
-    report.seconds = time.perf_counter() - start
-    return variables, report
+    return keymap.convert_timed(source, config, read=read_state_dict, convert=convert_state)
 
 
 def convert_state(state: dict, config, *, source: str, tmpl=None) -> tuple[dict, keymap.LoadReport]:
