@@ -5,8 +5,9 @@ the default's scale. What differs from the default:
 
 - one square anchor per cell, the default's smallest size per level (16..256 px: 4 x stride,
   mmdetection's ``scales=[8]`` halved for these small images);
-- both stages' 3x3 convolutions 32 channels wide (64, the FPN's width, makes the train step
-  1.57x the default's instead of 1.28x);
+- both stages' 3x3 convolutions 32 channels wide (64, the FPN's width, made the train step
+  1.57x the default's against 1.28x for 32 in one measurement; 1.06-1.18x for 32 in later
+  ones, see the README);
 - stage 2 as mmdetection: matched at IoU 0.7 / 0.7, coder weights (20, 20, 10, 10), IoU loss
   of weight 10; proposals with mmdetection's NMS 0.8;
 - stage 1's loss weight 0.6 instead of 10: mmdetection divides stage 1's loss by B * N / 200
