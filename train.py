@@ -56,13 +56,13 @@ def _run_config(workdir: str):
     from jax_rpn import checkpoints
 
     stored = checkpoints.read_config(workdir) if os.path.isdir(workdir) else None
-    if stored is None or flags.FLAGS["config"].present:
-        return _CONFIG.value
-    checkpoints.apply_overrides(stored, config_flags.get_override_values(flags.FLAGS["config"]))
-    print(
-        f"Using the config stored in {os.path.join(workdir, checkpoints.CONFIG_FILE)}", flush=True
-    )
-    return stored
+    config = checkpoints.config_of_run(stored, flags.FLAGS["config"])
+    if config is stored:
+        print(
+            f"Using the config stored in {os.path.join(workdir, checkpoints.CONFIG_FILE)}",
+            flush=True,
+        )
+    return config
 
 
 def main(argv):

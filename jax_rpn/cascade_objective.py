@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 
 from jax_rpn import boxes as box_ops
-from jax_rpn import losses, matching, region_assign, sampling
+from jax_rpn import losses, region_assign
 from jax_rpn.models.cascade_head import CascadeRPNOutput
 from jax_rpn.settings import CascadeSettings, LossSettings, TargetSettings
 from jax_rpn.shape_checks import check_shape
-from jax_rpn.targets import _per_image_keys
+from jax_rpn.targets import _encode_positives, _per_image_keys, anchor_targets
 
 # mmdetection's average factor of a stage without sampling: anchors / 200.
 _UNSAMPLED_FACTOR = 200.0
@@ -51,12 +51,6 @@ class CascadeTargets(NamedTuple):
     stage1_targets: jax.Array
     stage2_labels: jax.Array
     stage2_targets: jax.Array
-
-
-def _encode_positives(references, gt_boxes, matched_gt, positive, weights):
-    """``encode(reference, matched box)`` where ``positive``, 0 elsewhere -> ``[N, 4]``."""
-    matched = jnp.where(positive[:, None], gt_boxes[matched_gt], references)
-    return jnp.where(positive[:, None], box_ops.encode(references, matched, weights=weights), 0.0)
 
 
 def cascade_targets(
@@ -115,7 +109,8 @@ def cascade_targets(
         ignore_ratio=ignore_ratio,
         gt_ignore=gt_ignore,
     )
-    matched2, labels2 = matching.match(
+    labels2, targets2 = anchor_targets(
+        key,
         refined_anchors,
         gt_boxes,
         gt_valid,
@@ -123,21 +118,21 @@ def cascade_targets(
         low=low,
         allow_low_quality=allow_low_quality,
         low_quality_min_iou=low_quality_min_iou,
+        num_samples=num_samples,
+        positive_fraction=positive_fraction,
+        weights=stage2_weights,
         gt_ignore=gt_ignore,
         ignore_iof=ignore_iof,
         image_hw=image_hw,
         border=border,
     )
-    labels2 = sampling.sample_labels(
-        key, labels2, num_samples=num_samples, positive_fraction=positive_fraction
-    )
     return CascadeTargets(
         stage1_labels=labels1,
-        stage1_targets=_encode_positives(grid, gt_boxes, matched1, labels1 == 1, stage1_weights),
-        stage2_labels=labels2,
-        stage2_targets=_encode_positives(
-            refined_anchors, gt_boxes, matched2, labels2 == 1, stage2_weights
+        stage1_targets=_encode_positives(
+            grid, gt_boxes, matched1, labels1 == 1, weights=stage1_weights
         ),
+        stage2_labels=labels2,
+        stage2_targets=targets2,
     )
 
 

@@ -79,6 +79,18 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
         node[last] = value
 
 
+def config_of_run(stored: ml_collections.ConfigDict | None, config_flag):
+    """The config a command runs with: the ``--config`` file when one is given or nothing is
+    stored, else ``stored`` with the ``--config.<field>=...`` overrides written over it.
+    ``config_flag``: the ``config_flags.DEFINE_config_file`` flag (``flags.FLAGS["config"]``)."""
+    from ml_collections import config_flags
+
+    if stored is None or config_flag.present:
+        return config_flag.value
+    apply_overrides(stored, config_flags.get_override_values(config_flag))
+    return stored
+
+
 def write_config(directory: str, config: ml_collections.ConfigDict) -> str:
     """Write ``config.json`` into ``directory`` atomically; returns its path."""
     path = os.path.join(directory, CONFIG_FILE)

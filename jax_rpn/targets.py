@@ -23,6 +23,7 @@ def anchor_targets(
     high: float = 0.7,
     low: float = 0.3,
     allow_low_quality: bool = True,
+    low_quality_min_iou: float = 0.0,
     num_samples: int = 256,
     positive_fraction: float = 0.5,
     weights=(1.0, 1.0, 1.0, 1.0),
@@ -55,6 +56,7 @@ def anchor_targets(
         high=high,
         low=low,
         allow_low_quality=allow_low_quality,
+        low_quality_min_iou=low_quality_min_iou,
         gt_ignore=gt_ignore,
         ignore_iof=ignore_iof,
         image_hw=image_hw,
@@ -64,12 +66,20 @@ def anchor_targets(
     labels = sampling.sample_labels(
         key, labels, num_samples=num_samples, positive_fraction=positive_fraction
     )
-    anchors = jnp.asarray(anchors, jnp.float32)
-    positive = (labels == 1)[:, None]  # [N, 1]
-    # Non-positive anchors encode against themselves (0 deltas), never against padding.
-    matched = jnp.where(positive, jnp.asarray(gt_boxes, jnp.float32)[matched_gt], anchors)
-    box_targets = jnp.where(positive, box_ops.encode(anchors, matched, weights=weights), 0.0)
-    return labels, box_targets
+    return labels, _encode_positives(anchors, gt_boxes, matched_gt, labels == 1, weights=weights)
+
+
+def _encode_positives(references, gt_boxes, matched_gt, positive, *, weights) -> jax.Array:
+    """``encode(reference, gt_boxes[matched_gt])`` where ``positive``, 0 elsewhere -> ``[N, 4]``.
+
+    ``references`` ``[N, 4]`` xyxy (anchors, or refined anchors), ``gt_boxes`` ``[G, 4]``,
+    ``matched_gt`` int ``[N]``, ``positive`` bool ``[N]``.
+    """
+    references = jnp.asarray(references, jnp.float32)
+    positive = positive[:, None]  # [N, 1]
+    # Non-positive references encode against themselves (0 deltas), never against padding.
+    matched = jnp.where(positive, jnp.asarray(gt_boxes, jnp.float32)[matched_gt], references)
+    return jnp.where(positive, box_ops.encode(references, matched, weights=weights), 0.0)
 
 
 def batch_anchor_targets(

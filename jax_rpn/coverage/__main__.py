@@ -55,11 +55,7 @@ def _proposal_report():
     from jax_rpn.coverage.proposals import format_proposal_report, run_proposals
 
     variables, stored, _ = checkpoints.load_variables(FLAGS.model)
-    if FLAGS["config"].present or stored is None:
-        config = _CONFIG.value
-    else:
-        config = stored
-        checkpoints.apply_overrides(config, config_flags.get_override_values(FLAGS["config"]))
+    config = checkpoints.config_of_run(stored, FLAGS["config"])
     out_dir = FLAGS.out or os.path.join(FLAGS.model, "coverage")
     result = run_proposals(
         config,
