@@ -550,7 +550,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
+    from jax_rpn import cli
 
     _define_flags()
-    app.run(main)
+    cli.run(main, name="jax_rpn.predict")

@@ -16,9 +16,10 @@ model is used unless ``--config`` is given.
 import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from jax_rpn import cli
 from jax_rpn.coverage.report import format_report, run
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -103,4 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, name="jax_rpn.coverage")
