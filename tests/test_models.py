@@ -217,6 +217,35 @@ def test_stride_in_1x1_moves_the_stride_to_the_first_conv():
     assert conv_outputs(False) == [(16, 16), (8, 8), (8, 8)]
 
 
+@pytest.mark.parametrize("stride, hw", [(1, (9, 7)), (2, (9, 7)), (2, (8, 6))])
+def test_1x1_conv_is_a_matmul_with_the_convolution_numbers(stride, hw):
+    # resnet.conv runs a 1x1 kernel as a strided slice + matmul (faster on XLA CPU); the
+    # reference is the same nn.Conv on lax.conv_general_dilated, and numpy's einsum.
+    from jax_rpn.models.resnet import conv
+
+    x = jnp.asarray(RNG.normal(size=(2, *hw, 5)), jnp.float32)
+    ours = conv(3, 1, stride, use_bias=True, dtype=jnp.float32, name="c")
+    reference = nn.Conv(3, (1, 1), strides=stride, padding=((0, 0), (0, 0)))
+    variables = ours.init(KEY, x)
+    variables = jax.tree.map(lambda v: v + 0.1, variables)  # a nonzero bias
+
+    def loss(module, variables, x):
+        return jnp.sum(jnp.sin(module.apply(variables, x)))
+
+    out = jit(ours.apply)(variables, x)
+    kernel, bias = variables["params"]["kernel"], variables["params"]["bias"]
+    expected = np.einsum("bhwc,co->bhwo", np.asarray(x)[:, ::stride, ::stride], kernel[0, 0])
+    np.testing.assert_allclose(out, expected + np.asarray(bias), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, reference.apply(variables, x), rtol=1e-5, atol=1e-5)
+    grads = jit(jax.grad(functools.partial(loss, ours), argnums=(0, 1)))(variables, x)
+    expected_grads = jax.grad(functools.partial(loss, reference), argnums=(0, 1))(variables, x)
+    chex.assert_trees_all_close(grads, expected_grads, rtol=1e-5, atol=1e-5)
+    # The 1x1 kernel takes the matmul path; a 3x3 one stays a convolution.
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(ours.apply)(variables, x))
+    conv3 = conv(3, 3, stride, use_bias=False, dtype=jnp.float32, name="c")
+    assert "conv_general_dilated" in str(jax.make_jaxpr(conv3.apply)(conv3.init(KEY, x), x))
+
+
 def test_frozen_parameters_follow_detectron2_freeze_at():
     resnet = frozen_parameters("resnet50", 2)
     assert resnet(("body", "conv1", "kernel")) and resnet(("body", "layer1_2", "conv3", "kernel"))

@@ -16,6 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jax_rpn.models.norm import check_norm, make_norm
 
@@ -39,7 +40,8 @@ def conv(
     name: str,
     kernel_init=KAIMING_FAN_OUT,
 ) -> nn.Conv:
-    """A ``kernel x kernel`` convolution with torchvision's symmetric ``kernel // 2`` padding."""
+    """A ``kernel x kernel`` convolution with torchvision's symmetric ``kernel // 2`` padding;
+    a 1x1 one runs as a matmul (``conv_1x1_as_matmul``)."""
     pad = kernel // 2
     return nn.Conv(
         features,
@@ -50,8 +52,37 @@ def conv(
         kernel_init=kernel_init,
         dtype=dtype,
         param_dtype=jnp.float32,
+        conv_general_dilated=conv_1x1_as_matmul,
         name=name,
     )
+
+
+def conv_1x1_as_matmul(lhs, rhs, window_strides, padding, **kwargs) -> jax.Array:
+    """``lax.conv_general_dilated`` for ``nn.Conv`` (NHWC images, HWIO kernel), where an
+    unpadded, undilated, ungrouped 1x1 kernel becomes a strided slice and one matmul:
+    ``[B, H, W, C] -> [B, H / s, W / s, O]``, the same numbers. XLA's CPU convolution is up to
+    several times slower than its matmul on 1x1 kernels, forward and backward; the bottleneck
+    blocks and the FPN's lateral convolutions are 1x1 (the R50-FPN train step, before and after:
+    ``benchmarks/README.md``). Every other convolution goes to ``lax.conv_general_dilated``."""
+    undilated = all(
+        d is None or all(v == 1 for v in d)
+        for d in (kwargs.get("lhs_dilation"), kwargs.get("rhs_dilation"))
+    )
+    channels_last = kwargs["dimension_numbers"].lhs_spec[1] == lhs.ndim - 1
+    if (
+        rhs.shape[:-2] == (1, 1)
+        and lhs.ndim == 4
+        and channels_last
+        and undilated
+        and kwargs.get("feature_group_count", 1) == 1
+        and all(p == (0, 0) for p in padding)
+    ):
+        sy, sx = window_strides
+        x = lhs[:, ::sy, ::sx]  # [B, H / s, W / s, C]
+        return lax.dot_general(
+            x, rhs[0, 0], (((3,), (0,)), ((), ())), precision=kwargs.get("precision")
+        )
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
 
 
 def stage_of(name: str) -> int:
