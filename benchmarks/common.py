@@ -154,10 +154,19 @@ def time_fn(
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], *, repeats: int = 5, warmup: int = 1
+    fns: dict[str, Callable[[], object]],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    back_to_back: bool = False,
 ) -> dict[str, dict]:
     """Like :func:`time_fn` for several functions, calling them in turn each round, so a
-    change in the machine's load affects all of them alike. Returns ``{name: stats}``."""
+    change in the machine's load affects all of them alike. Returns ``{name: stats}``.
+
+    ``back_to_back``: in each round call each function once untimed right before its timed
+    call, so every timed call follows a call of the same function, as in a training loop.
+    Whichever JAX step ran first after PyTorch's steps was 5-25% slower than the same step
+    after another JAX step (``e2e_train.py``, default size), whichever of ours came first."""
     for _ in range(warmup):
         for fn in fns.values():
             block(fn())
@@ -165,6 +174,8 @@ def time_interleaved(
     cpu = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if back_to_back:
+                block(fn())
             start, start_cpu = time.perf_counter(), time.process_time()
             block(fn())
             wall[name].append(time.perf_counter() - start)

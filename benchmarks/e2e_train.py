@@ -30,7 +30,8 @@ compiling the whole RPN recompiles every step on its data-dependent shapes). Rat
 against the fastest of these.
 
 Timing: the whole steps (ours, ours + proposals, each torchvision variant) take turns
-within each round (load changes hit all alike); medians. The breakdown's programs then take
+within each round (load changes hit all alike), each timed right after an untimed call of
+itself, as in a training loop; medians. The breakdown's programs then take
 turns in rounds of their own, with their own full steps. Peak memory: each side in a fresh
 subprocess (build, three steps): its peak RSS, and the rise over the RSS after imports.
 Breakdown: ours by differences of programs (features forward; features forward + backward
@@ -466,7 +467,7 @@ def bench_config(name: str, *, repeats: int, compile_torch: bool, memory: bool) 
     # 545 ms against 337 / 368 / 396 ms for ours, ours + proposals, channels_last), so the
     # breakdown has rounds of its own, with its own full steps to subtract from.
     steps = {k: v for k, v in calls.items() if k in HEADLINE_STEPS}
-    times = common.time_interleaved(steps, repeats=repeats, warmup=1)
+    times = common.time_interleaved(steps, repeats=repeats, warmup=1, back_to_back=True)
     parts = common.time_interleaved(calls, repeats=repeats, warmup=1)
     med = {k: v["median"] for k, v in times.items()}
     tv_phases = {
