@@ -18,8 +18,8 @@ Ours is the trainer's own step, built as ``jax_rpn.training.Trainer`` builds it
 ``parallel.parallelize`` with ``shard_map``), on one JAX CPU device per core as ``train.py``
 splits the CPU (``jax_num_cpu_devices``, ``parallel.cpu_devices_for``). torchvision's RPN in
 training mode also makes proposals (its second stage needs them), so ours is timed both as
-the trainer runs it (no proposals) and with ``inference.proposals_from_outputs(...,
-train=True)`` added to the step (the two-stage case, like for like).
+the trainer runs it (no proposals) and as ``make_train_step(..., with_proposals=True)``
+builds it, returning the batch's training-mode proposals (the two-stage case, like for like).
 
 torchvision's side (``benchmarks/torchvision_rpn.py``): its ResNet + ``BackboneWithFPN`` +
 ``RegionProposalNetwork`` (train mode: anchors, head, ``filter_proposals``, targets, sampler,
@@ -41,7 +41,6 @@ wrapped methods) plus the same dummy-loss programs for its backward split.
 """
 
 import argparse
-import functools
 import json
 import os
 import subprocess
@@ -79,51 +78,6 @@ def load_config(name: str):
 
 def _dummy_loss(arrays):
     return sum(jnp.mean(jnp.square(a.astype(jnp.float32))) for a in arrays)
-
-
-def make_step_with_proposals(config, model, tx, schedule):
-    """``training.make_train_step``'s step that also returns the batch's training proposals
-    (``inference.proposals_from_outputs`` with the ``_train`` top-k, on the step's own
-    outputs), as a two-stage detector's first stage needs them. Returns ``(state, metrics,
-    proposals)``."""
-    from jax_rpn import inference, training
-    from jax_rpn.objective import rpn_objective
-    from jax_rpn.settings import LossSettings, ProposalSettings, TargetSettings
-
-    mutable = list(training.model_state_collections(config))
-    objective = functools.partial(
-        rpn_objective,
-        targets_settings=TargetSettings.from_config(config),
-        loss_settings=LossSettings.from_config(config),
-    )
-    proposal_settings = ProposalSettings.from_config(config, train=True)
-
-    def train_step(state, batch):
-        keys = training._image_keys(state.key, state.step, batch["image"].shape[0])
-
-        def loss_fn(params):
-            variables = {"params": params, **state.model_state}
-            outputs, new_model_state = model.apply(
-                variables, batch["image"], train=True, mutable=mutable
-            )
-            loss, metrics = objective(outputs, batch, keys)
-            props = inference.proposals_from_outputs(
-                jax.lax.stop_gradient(outputs),
-                batch["image_hw"],
-                settings=proposal_settings,
-                objectness=model.objectness,
-            )
-            return loss, (metrics, new_model_state, props)
-
-        (_, (metrics, new_model_state, props)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
-        state, metrics = training.apply_gradients(
-            state, grads, metrics, new_model_state, tx=tx, schedule=schedule
-        )
-        return state, metrics, props
-
-    return train_step
 
 
 def breakdown_programs(config, model, tx, anchors):
@@ -224,7 +178,9 @@ class Ours:
         step = training.make_train_step(config, model, tx, schedule)
         self.step = wrap(step, (True, True), True)
         self.step_proposals = wrap(
-            make_step_with_proposals(config, model, tx, schedule), (True, True, False), True
+            training.make_train_step(config, model, tx, schedule, with_proposals=True),
+            (True, True, False),
+            True,
         )
         self.programs = {}
         if breakdown:

@@ -104,12 +104,18 @@ def apply_gradients(state, grads, metrics, new_model_state, *, tx, schedule):
     return new.replace(step=state.step + 1), metrics
 
 
-def make_train_step(config, model, tx, schedule):
+def make_train_step(config, model, tx, schedule, *, with_proposals: bool = False):
     """Per-device ``train_step(state, batch) -> (state, metrics)``; metrics are pmean-ed.
 
     A step whose loss or gradients are not finite leaves parameters and optimizer state
     unchanged and reports ``finite = 0`` (the loop then stops with a message). Frozen backbone
     stages (``model.freeze_at``) get no gradient: their backward pass is not computed.
+
+    ``with_proposals``: the step returns ``(state, metrics, proposals)``, the batch's
+    proposals from the step's own outputs (before the update) with the training top-k
+    (``proposals.*_train``), as the RPN of a two-stage detector hands them to its second
+    stage in training (torchvision's ``RegionProposalNetwork`` in train mode). No gradient
+    flows through them.
     """
     mutable = list(model_state_collections(config))
     frozen = frozen_parameters(config.model.backbone, config.model.freeze_at)
@@ -122,6 +128,7 @@ def make_train_step(config, model, tx, schedule):
         objective = functools.partial(cascade_objective, **settings)
     else:
         objective = functools.partial(rpn_objective, **settings)
+    proposal_settings = ProposalSettings.from_config(config, train=True)
 
     def train_step(state, batch):
         keys = _image_keys(state.key, state.step, batch["image"].shape[0])
@@ -143,12 +150,23 @@ def make_train_step(config, model, tx, schedule):
                 mutable=mutable,
             )
             loss, metrics = objective(outputs, batch, keys)
-            return loss, (metrics, new_model_state)
+            return loss, (metrics, new_model_state, outputs)
 
-        (_, (metrics, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (_, (metrics, new_model_state, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
-        return apply_gradients(state, grads, metrics, new_model_state, tx=tx, schedule=schedule)
+        new_state, metrics = apply_gradients(
+            state, grads, metrics, new_model_state, tx=tx, schedule=schedule
+        )
+        if not with_proposals:
+            return new_state, metrics
+        props = inference.proposals_from_outputs(
+            jax.lax.stop_gradient(outputs),
+            batch["image_hw"],
+            settings=proposal_settings,
+            objectness=model.objectness,
+        )
+        return new_state, metrics, props
 
     return train_step
 

@@ -1,5 +1,6 @@
 """The training loop: multi-device equivalence, one compile, checkpoints, resume, failures."""
 
+import functools
 import json
 import os
 import signal
@@ -14,9 +15,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
-from jax_rpn import checkpoints, config_checks, parallel, training
+from jax_rpn import checkpoints, config_checks, inference, parallel, training
 from jax_rpn.models import build_rpn, frozen_parameters
 from jax_rpn.optim import create_optimizer
+from jax_rpn.settings import ProposalSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,6 +100,66 @@ def test_train_step_compiles_once(fast_compile):
     chex.clear_trace_counter()
     _, metrics = _run_steps(config, parallel.data_mesh(), "shard_map", batches, trace_limit=1)
     assert all(np.isfinite(m["loss"]) for m in metrics)
+
+
+def test_train_step_with_proposals_is_the_step_plus_its_proposals(fast_compile):
+    """``with_proposals=True``: the same new state and metrics as the trainer's step, and the
+    proposals of the pre-update model (inference, frozen BN: train and eval outputs agree) at
+    the training top-k; frozen stages still get no update; one compile."""
+    config = _config(
+        **{
+            "model.norm": "frozen_bn",
+            "init.allow_random_frozen_bn": True,
+            "model.freeze_at": 2,
+            "proposals.post_nms_topk_train": 50,  # the test's top-k is 100
+        }
+    )
+    mesh = parallel.data_mesh(jax.devices()[:2])
+    model = build_rpn(config, axis_name=parallel.AXIS)
+    tx, schedule = create_optimizer(config.optim, config.num_train_steps)
+    state = training.create_train_state(
+        config, build_rpn(config), tx, jax.random.PRNGKey(config.seed)
+    )
+    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    batch = _random_batch(np.random.default_rng(3), config, 8)
+    sharded = parallel.shard_batch(batch, mode="shard_map", mesh=mesh)
+    plain = parallel.parallelize(
+        training.make_train_step(config, model, tx, schedule), mode="shard_map", mesh=mesh
+    )
+    chex.clear_trace_counter()
+    with_props = parallel.parallelize(
+        chex.assert_max_traces(
+            training.make_train_step(config, model, tx, schedule, with_proposals=True), n=1
+        ),
+        mode="shard_map",
+        mesh=mesh,
+        replicated_out=(True, True, False),
+    )
+    want_state, want_metrics = jax.device_get(plain(state, sharded))
+    got_state, got_metrics, props = jax.device_get(with_props(state, sharded))
+    with_props(state, sharded)  # no second compile
+    chex.assert_trees_all_close(got_state, want_state, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(got_metrics, want_metrics, rtol=1e-6, atol=1e-7)
+    frozen = frozen_parameters(config.model.backbone, config.model.freeze_at)
+    before = jax.device_get(state.params)
+    for path, p in jax.tree_util.tree_leaves_with_path(got_state.params):
+        if frozen(tuple(k.key for k in path)):
+            np.testing.assert_array_equal(p, _leaf(before, path), err_msg=str(path))
+
+    settings = ProposalSettings.from_config(config, train=True)
+    want = jax.jit(
+        functools.partial(inference.proposals_from_images, build_rpn(config), settings=settings)
+    )({"params": before, **jax.device_get(state.model_state)}, batch["image"], batch["image_hw"])
+    assert props.boxes.shape == (8, config.proposals.post_nms_topk_train, 4)
+    np.testing.assert_array_equal(props.valid, want.valid)
+    np.testing.assert_allclose(props.boxes, want.boxes, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(props.scores, want.scores, rtol=1e-5, atol=1e-5)
+
+
+def _leaf(tree, path):
+    for k in path:
+        tree = tree[k.key]
+    return tree
 
 
 def test_nonfinite_loss_keeps_parameters(fast_compile):
