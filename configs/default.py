@@ -110,8 +110,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.box_weight = 2.0  # loss = objectness + box_weight * box
 
     # Cascade RPN (model.head = "cascade"; jax_rpn.cascade_objective). Stage 2 is matched,
-    # sampled and encoded with c.targets and weighed with c.loss.box_weight; the first level's
-    # anchor size (anchors.sizes[0][0]) sets stage 1's level assignment. mmdetection's values.
+    # sampled and encoded with c.targets and weighed with c.loss.box_weight; stage 1 puts each
+    # box on the level whose anchor (anchors.sizes, one per level) is nearest in size.
+    # mmdetection's values.
     c.cascade = ml_collections.ConfigDict()
     c.cascade.stage1_dilation = 3  # dilation of stage 1's 3x3 convolution
     c.cascade.stage1_weights = (10.0, 10.0, 2.0, 2.0)  # stage 1's box coder (1 / target stds)

@@ -62,7 +62,7 @@ def cascade_targets(
     *,
     strides: Sequence[float],
     feature_hws: Sequence[tuple[int, int]],
-    anchor_size: float,
+    anchor_sizes: Sequence[float],
     center_ratio: float = 0.2,
     ignore_ratio: float = 0.5,
     stage1_weights=(10.0, 10.0, 2.0, 2.0),
@@ -87,7 +87,7 @@ def cascade_targets(
         references).
       gt_boxes: ``[G, 4]`` xyxy ground truth padded to G; ``gt_valid`` bool ``[G]``;
         ``gt_ignore`` optional bool ``[G]`` (crowd / difficult: left out).
-      strides, feature_hws, anchor_size, center_ratio, ignore_ratio: stage 1's assignment,
+      strides, feature_hws, anchor_sizes, center_ratio, ignore_ratio: stage 1's assignment,
         :func:`jax_rpn.region_assign.region_assign`.
       stage1_weights, stage2_weights: box coder weights of each stage (1 / target stds).
       high, low, allow_low_quality, low_quality_min_iou, ignore_iof, image_hw, border:
@@ -104,7 +104,7 @@ def cascade_targets(
         gt_valid,
         strides=strides,
         feature_hws=feature_hws,
-        anchor_size=anchor_size,
+        anchor_sizes=anchor_sizes,
         center_ratio=center_ratio,
         ignore_ratio=ignore_ratio,
         gt_ignore=gt_ignore,
@@ -185,7 +185,7 @@ def cascade_objective(
             valid,
             strides=outputs.strides,
             feature_hws=feature_hws,
-            anchor_size=c.anchor_size,
+            anchor_sizes=c.anchor_sizes,
             center_ratio=c.center_ratio,
             ignore_ratio=c.ignore_ratio,
             stage1_weights=c.stage1_weights,

@@ -5,6 +5,8 @@ pipeline reads (``data``, ``seed``, ``batch_size``), for tools that use the data
 allowed values come from the modules that define them.
 """
 
+import itertools
+
 import jax
 import ml_collections
 
@@ -183,6 +185,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
         _one_of(config, "model.objectness", ("sigmoid",))
         c = CascadeSettings.from_config(config)
+        _require(
+            all(a < b for a, b in itertools.pairwise(c.anchor_sizes)),
+            "anchors.sizes",
+            'sizes increasing from level to level with model.head = "cascade"',
+            config.anchors.sizes,
+        )
         _require(
             0 < c.center_ratio <= c.ignore_ratio <= 1,
             "cascade.center_ratio/ignore_ratio",

@@ -1,9 +1,11 @@
 """Anchor-free centre-region assignment (Cascade RPN stage 1), one image, padded ground truth.
 
 mmdetection's ``RegionAssigner`` (``mmdet/models/task_modules/assigners/region_assigner.py``)
-with static shapes. Each ground-truth box goes to one pyramid level,
-``floor(log2(sqrt(w h) / anchor_size) + 0.5)`` clamped to the levels, where ``anchor_size`` is
-the first level's anchor side (mmdetection's ``anchor_scale * strides[0]``). On that level,
+with static shapes. Each ground-truth box goes to one pyramid level: the level whose anchor
+side is nearest to ``sqrt(w h)`` in log scale. With sides that double from level to level
+(mmdetection's ``anchor_scale * strides``) this is mmdetection's
+``floor(log2(sqrt(w h) / sides[0]) + 0.5)`` clamped to the levels; other sides (e.g. a first
+level with smaller anchors than the rest) move the boundaries with them. On that level,
 in feature coordinates (``pixel / stride``), the box's central region of ``center_ratio`` of
 its width and height, and the larger region of ``ignore_ratio``, are rounded to whole cells
 (half to even, as ``torch.round``) and clamped to ``[0, W] x [0, H]``. An anchor whose centre
@@ -24,6 +26,7 @@ part. mmdetection's step 5 (anchors outside the image -1) is off in its Cascade 
 (``allowed_border=-1``) and is not implemented. Boxes are ``[x1, y1, x2, y2]`` absolute pixels.
 """
 
+import itertools
 from collections.abc import Sequence
 
 import jax
@@ -33,12 +36,17 @@ from jax_rpn import boxes as box_ops
 from jax_rpn.shape_checks import check_shape
 
 
-def target_levels(gt_boxes: jax.Array, *, anchor_size: float, num_levels: int) -> jax.Array:
-    """Pyramid level of each xyxy box ``[G, 4]`` -> int32 ``[G]`` in ``[0, num_levels)``:
-    ``floor(log2(sqrt(area) / anchor_size) + 0.5)``, clamped (zero area -> level 0)."""
-    scale = jnp.sqrt(box_ops.area(jnp.asarray(gt_boxes, jnp.float32)))
-    level = jnp.floor(jnp.log2(jnp.maximum(scale, 1e-30) / anchor_size) + 0.5)
-    return jnp.clip(level, 0, num_levels - 1).astype(jnp.int32)
+def target_levels(gt_boxes: jax.Array, *, anchor_sizes: Sequence[float]) -> jax.Array:
+    """Pyramid level of each xyxy box ``[G, 4]`` -> int32 ``[G]`` in ``[0, L)``, for ``L``
+    increasing anchor sides ``anchor_sizes``: the level whose side is nearest to
+    ``sqrt(area)`` in log scale, i.e. the number of levels ``l`` with ``area >= sizes[l] *
+    sizes[l + 1]`` (ties go up; zero or non-finite area -> level 0)."""
+    sizes = [float(s) for s in anchor_sizes]
+    if not sizes or min(sizes) <= 0 or any(b <= a for a, b in itertools.pairwise(sizes)):
+        raise ValueError(f"anchor_sizes must be positive and increasing, got {anchor_sizes}")
+    area = box_ops.area(jnp.asarray(gt_boxes, jnp.float32))  # [G]
+    bounds = jnp.asarray([a * b for a, b in itertools.pairwise(sizes)], jnp.float32)  # [L - 1]
+    return jnp.sum(area[:, None] >= bounds[None, :], axis=1).astype(jnp.int32)
 
 
 def region(boxes: jax.Array, *, ratio: float, stride: float, feature_hw) -> jax.Array:
@@ -74,7 +82,7 @@ def region_assign(
     *,
     strides: Sequence[float],
     feature_hws: Sequence[tuple[int, int]],
-    anchor_size: float,
+    anchor_sizes: Sequence[float],
     center_ratio: float = 0.2,
     ignore_ratio: float = 0.5,
     gt_ignore: jax.Array | None = None,
@@ -85,7 +93,8 @@ def region_assign(
       anchors: L arrays of xyxy anchors ``[Nl, 4]``, one per level (only their centres count).
       gt_boxes: ``[G, 4]`` xyxy ground truth padded to G; ``gt_valid`` bool ``[G]``.
       strides: L strides; ``feature_hws``: L ``(H, W)`` feature sizes (the clamp of the regions).
-      anchor_size: side of the first level's anchors (``anchor_scale * strides[0]``).
+      anchor_sizes: L increasing anchor sides, one per level (mmdetection: ``anchor_scale *
+        strides``): the boxes' levels (:func:`target_levels`).
       center_ratio, ignore_ratio: the regions' share of the box side, ``0 < center_ratio <=
         ignore_ratio <= 1``.
       gt_ignore: optional bool ``[G]``: boxes left out (mmdetection does not support them).
@@ -104,8 +113,10 @@ def region_assign(
         raise ValueError(
             f"need 0 < center_ratio <= ignore_ratio <= 1, got {center_ratio}, {ignore_ratio}"
         )
-    if not anchor_size > 0:
-        raise ValueError(f"anchor_size must be > 0, got {anchor_size}")
+    if len(anchor_sizes) != num_levels:
+        raise ValueError(
+            f"anchor_sizes needs one entry per level ({num_levels}), got {len(anchor_sizes)}"
+        )
     for level, a in enumerate(anchors):
         check_shape(a, f"anchors[{level}]", "[Nl, 4]")
     sizes = check_shape(gt_boxes, "gt_boxes", "[G, 4]")
@@ -116,7 +127,7 @@ def region_assign(
     if gt_ignore is not None:
         check_shape(gt_ignore, "gt_ignore", "[G]", dtype="mask", sizes=sizes)
         use = use & ~jnp.asarray(gt_ignore).astype(bool)
-    level = target_levels(gt_boxes, anchor_size=anchor_size, num_levels=num_levels)  # [G]
+    level = target_levels(gt_boxes, anchor_sizes=anchor_sizes)  # [G]
     r_center = (1.0 - center_ratio) / 2  # distance of the region's edges from the box's
     r_ignore = (1.0 - ignore_ratio) / 2
     gt_index = jnp.arange(num_gt, dtype=jnp.int32)

@@ -169,7 +169,8 @@ class CascadeSettings:
     """Cascade RPN's stage 1 and its stage-2 extra (``jax_rpn.cascade_objective``); stage 2
     otherwise uses :class:`TargetSettings` and :class:`LossSettings`."""
 
-    anchor_size: float = 32.0  # the first level's anchor side (level assignment of stage 1)
+    # Each level's anchor side: stage 1 puts a box on the level of the nearest (in log scale).
+    anchor_sizes: tuple[float, ...] = (32.0, 64.0, 128.0, 256.0, 512.0)
     center_ratio: float = 0.2
     ignore_ratio: float = 0.5
     stage1_weights: tuple[float, float, float, float] = (10.0, 10.0, 2.0, 2.0)
@@ -178,10 +179,10 @@ class CascadeSettings:
 
     @classmethod
     def from_config(cls, config) -> CascadeSettings:
-        """From ``config.cascade`` and ``config.anchors.sizes`` (its first level's size)."""
+        """From ``config.cascade`` and ``config.anchors.sizes`` (one size per level)."""
         c = config.cascade
         return cls(
-            anchor_size=float(AnchorSettings.from_config(config).sizes[0][0]),
+            anchor_sizes=tuple(float(s[0]) for s in AnchorSettings.from_config(config).sizes),
             center_ratio=float(c.center_ratio),
             ignore_ratio=float(c.ignore_ratio),
             stage1_weights=tuple(float(w) for w in c.stage1_weights),

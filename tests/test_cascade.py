@@ -247,7 +247,7 @@ def test_region_assign_hand_computed_single_box():
     gt = jnp.array([[4.0, 4.0, 28.0, 20.0], [0.0, 0.0, 0.0, 0.0]])
     matched, labels = jax.jit(
         lambda a, g, v: region_assign.region_assign(
-            a, g, v, strides=(4,), feature_hws=((8, 8),), anchor_size=16.0
+            a, g, v, strides=(4,), feature_hws=((8, 8),), anchor_sizes=(16.0,)
         )
     )(anchors, gt, jnp.array([True, False]))
     want = np.zeros((8, 8), int)
@@ -258,7 +258,7 @@ def test_region_assign_hand_computed_single_box():
 
 
 def test_region_assign_levels_overrides_and_adjacent_ignores():
-    # Strides 4, 8, 16 on a 64x64 image, anchor_size 16 (level sides 16, 32, 64).
+    # Strides 4, 8, 16 on a 64x64 image, level sides 16, 32, 64.
     hws, strides = ((16, 16), (8, 8), (4, 4)), (4, 8, 16)
     anchors = [_grid(hw, s, 16 * s / 4) for hw, s in zip(hws, strides, strict=True)]
     gt = jnp.array(
@@ -271,10 +271,10 @@ def test_region_assign_levels_overrides_and_adjacent_ignores():
     )
     valid = jnp.array([True, True, True, False])
     matched, labels = region_assign.region_assign(
-        anchors, gt, valid, strides=strides, feature_hws=hws, anchor_size=16.0
+        anchors, gt, valid, strides=strides, feature_hws=hws, anchor_sizes=(16.0, 32.0, 64.0)
     )
     np.testing.assert_array_equal(
-        region_assign.target_levels(gt[:2], anchor_size=16.0, num_levels=3), [1, 0]
+        region_assign.target_levels(gt[:2], anchor_sizes=(16.0, 32.0, 64.0)), [1, 0]
     )
     l0, l1, l2 = np.split(np.asarray(labels), [256, 320])  # levels of 16x16, 8x8, 4x4 cells
     m0, m1, _ = np.split(np.asarray(matched), [256, 320])
@@ -300,6 +300,34 @@ def test_region_assign_levels_overrides_and_adjacent_ignores():
     assert m1.reshape(8, 8)[4, 4] == 0 and np.all(m0 == 0)
 
 
+def test_target_levels_nearest_side_in_log_scale():
+    """Sides 16, 64, 128 (not doubling): boundaries at areas 16 * 64 = 32^2 and 64 * 128 =
+    8192 (90.5^2), a tie going up; doubling sides give mmdetection's floor(log2(s / 16) + 0.5)."""
+    gt = jnp.array(
+        [
+            [0, 0, 31, 31],  # area 961 < 1024: level 0
+            [0, 0, 32, 32],  # 1024: the boundary, level 1
+            [5, 5, 21, 69],  # 16 x 64 = 1024: level 1
+            [0, 0, 90, 90],  # 8100 < 8192: level 1
+            [0, 0, 91, 91],  # 8281: level 2
+            [0, 0, 400, 400],  # beyond the last side: level 2
+            [3, 3, 3, 9],  # zero area: level 0
+        ],
+        jnp.float32,
+    )
+    levels = jax.jit(lambda g: region_assign.target_levels(g, anchor_sizes=(16, 64, 128)))(gt)
+    np.testing.assert_array_equal(levels, [0, 1, 1, 1, 2, 2, 0])
+    rng = np.random.default_rng(0)
+    wh = rng.uniform(2, 600, (500, 2))
+    boxes = np.concatenate([np.zeros_like(wh), wh], 1).astype(np.float32)
+    mmdet = np.floor(np.log2(np.sqrt(wh[:, 0] * wh[:, 1]) / 16) + 0.5).clip(0, 4)
+    np.testing.assert_array_equal(
+        region_assign.target_levels(boxes, anchor_sizes=(16, 32, 64, 128, 256)), mmdet
+    )
+    with pytest.raises(ValueError, match="anchor_sizes must be positive and increasing"):
+        region_assign.target_levels(gt, anchor_sizes=(16, 16, 32))
+
+
 def test_region_assign_matches_mmdetection_loop():
     """Random boxes on 3 levels, including overlapping ones where the later box wins."""
     rng = np.random.default_rng(3)
@@ -307,7 +335,7 @@ def test_region_assign_matches_mmdetection_loop():
     anchors = [_grid(hw, s, 8 * s) for hw, s in zip(hws, strides, strict=True)]
     fn = jax.jit(
         lambda g, v: region_assign.region_assign(
-            anchors, g, v, strides=strides, feature_hws=hws, anchor_size=32.0
+            anchors, g, v, strides=strides, feature_hws=hws, anchor_sizes=(32.0, 64.0, 128.0)
         )
     )
     for _ in range(5):
@@ -347,7 +375,7 @@ def _hand_example():
 
 def test_cascade_targets_hand_computed():
     anchors, refined, gt = _hand_example()
-    settings = dict(strides=(8,), feature_hws=((4, 4),), anchor_size=16.0, num_samples=32)
+    settings = dict(strides=(8,), feature_hws=((4, 4),), anchor_sizes=(16.0,), num_samples=32)
     t = jax.jit(lambda k, r, g, v: cascade_targets(k, anchors, r, g, v, **settings))(
         jax.random.key(0), refined, gt, np.array([True, False])
     )
@@ -388,7 +416,7 @@ def test_stage2_low_quality_positive_needs_min_iou():
         np.array([True, True]),
         strides=(8,),
         feature_hws=((1, 3),),
-        anchor_size=16.0,
+        anchor_sizes=(16.0,),
         num_samples=8,
     )
     np.testing.assert_array_equal(t.stage2_labels, [1, 0, 0])
@@ -513,6 +541,7 @@ def test_gradients_finite_for_degenerate_refined_anchors():
     border): stage 2 samples nothing useful, and the loss and gradients stay finite."""
     config = _tiny_cascade_config()
     hws, strides = ((8, 8), (4, 4), (2, 2)), (8, 16, 32)
+    config.anchors.strides, config.anchors.sizes = strides, ((16,), (32,), (64,))
     anchors = [_grid(hw, s, 2 * s) for hw, s in zip(hws, strides, strict=True)]
     rng = np.random.default_rng(4)
     features = [rng.normal(size=(2, *hw, 8)).astype(np.float32) for hw in hws]
@@ -598,3 +627,7 @@ def test_configs_follow_mmdetection_and_validate():
         c = cascade_config.get_config()
         c.anchors.aspect_ratios = (0.5, 1.0, 2.0)
         build_rpn(c).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+    with pytest.raises(ValueError, match="anchors.sizes.*increasing"):
+        c = cascade_config.get_config()
+        c.anchors.sizes = ((16,), (64,), (32,), (128,), (256,))
+        config_checks.validate(c)
