@@ -161,7 +161,9 @@ def time_interleaved(
     back_to_back: bool = False,
 ) -> dict[str, dict]:
     """Like :func:`time_fn` for several functions, calling them in turn each round, so a
-    change in the machine's load affects all of them alike. Returns ``{name: stats}``.
+    change in the machine's load affects all of them alike; round ``r`` starts with the
+    ``r``-th function (the order rotates), so no function always follows the same one.
+    Returns ``{name: stats}``.
 
     ``back_to_back``: in each round call each function once untimed right before its timed
     call, so every timed call follows a call of the same function, as in a training loop.
@@ -172,8 +174,10 @@ def time_interleaved(
             block(fn())
     wall = {name: [] for name in fns}
     cpu = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn = fns[name]
             if back_to_back:
                 block(fn())
             start, start_cpu = time.perf_counter(), time.process_time()

@@ -128,6 +128,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.proposals.pre_nms_topk_test = 1000  # per level, before NMS (evaluation, predict)
     c.proposals.post_nms_topk_test = 1000  # K, proposals per image
     c.proposals.nms_threshold = 0.65  # detectron2: 0.7; only proposals (eval) use it here
+    c.proposals.nms_across_levels = False  # True: one NMS over all levels (peers: per level)
     c.proposals.min_size = 0.0  # boxes with a side <= this (pixels) are dropped
 
     # Initial weights (jax_rpn.interop), loaded before step 0; resuming a workdir ignores them.

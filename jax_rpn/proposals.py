@@ -75,6 +75,7 @@ def generate(
     min_size: float,
     weights=(1.0, 1.0, 1.0, 1.0),
     scale_clamp: float = box_ops.DEFAULT_SCALE_CLAMP,
+    nms_across_levels: bool = False,
 ) -> Proposals:
     """Proposals of one image from per-level RPN outputs.
 
@@ -89,6 +90,9 @@ def generate(
       nms_threshold: IoU above which a lower-scoring box of the same level is suppressed.
       min_size: boxes with width or height ``<= min_size`` after clipping are dropped.
       weights, scale_clamp: box coder settings of :func:`jax_rpn.boxes.decode`.
+      nms_across_levels: one NMS over all levels' candidates, so a box also suppresses
+        lower-scoring ones of other levels (mmdetection's former RPN option of this name;
+        torchvision, detectron2 and mmdetection run NMS per level).
 
     Returns:
       :class:`Proposals` with ``K = post_nms_topk`` slots.
@@ -119,7 +123,7 @@ def generate(
         cand_boxes.append(decode(jnp.asarray(anchors_l)[idx], deltas_l[idx]))  # [k, 4]
         cand_scores.append(logits_l[idx])
         cand_finite.append(finite[idx])
-        cand_levels.append(jnp.full((k,), level, jnp.int32))
+        cand_levels.append(jnp.full((k,), 0 if nms_across_levels else level, jnp.int32))
     boxes = jnp.concatenate(cand_boxes)  # [M, 4]
     scores = jnp.concatenate(cand_scores)  # [M]
     finite = jnp.concatenate(cand_finite)  # [M]

@@ -129,6 +129,7 @@ class ProposalSettings(_Kwargs):
     nms_threshold: float = 0.7
     min_size: float = 0.0
     weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    nms_across_levels: bool = False
 
     @classmethod
     def from_config(cls, config, *, train: bool) -> ProposalSettings:
@@ -141,6 +142,7 @@ class ProposalSettings(_Kwargs):
             nms_threshold=float(p.nms_threshold),
             min_size=float(p.min_size),
             weights=tuple(float(w) for w in config.targets.weights),
+            nms_across_levels=bool(p.nms_across_levels),
         )
 
 

@@ -211,6 +211,23 @@ def test_nms_is_per_level_hand_example():
     np.testing.assert_array_equal(out.boxes[:2], np.concatenate([box, box]))
 
 
+def test_nms_across_levels_hand_example():
+    # nms_across_levels: the level-1 box (score 2) suppresses its level-0 copies (IoU 1) and
+    # a level-0 box shifted by 2 px (IoU 18 * 30 / (22 * 30) = 0.82 > 0.7); a box shifted by
+    # 8 px (IoU 12 / 28 = 0.43) survives. Per level, the level-0 box with score 1 survives too.
+    box = np.array([10.0, 10.0, 30.0, 40.0], np.float32)
+    anchors = [np.stack([box, box + [2, 0, 2, 0], box + [8, 0, 8, 0]]), box[None]]
+    logits = [np.array([1.0, 0.5, 0.2], np.float32), np.array([2.0], np.float32)]
+    deltas = [np.zeros((3, 4), np.float32), np.zeros((1, 4), np.float32)]
+    settings = dict(pre_nms_topk=5, post_nms_topk=4, nms_threshold=0.7, min_size=0.0)
+    across = _generate(anchors, logits, deltas, (50, 50), **settings, nms_across_levels=True)
+    np.testing.assert_array_equal(across.valid, [True, True, False, False])
+    np.testing.assert_array_equal(across.scores[:2], np.float32([2.0, 0.2]))
+    np.testing.assert_array_equal(across.boxes[:2], np.stack([box, box + [8, 0, 8, 0]]))
+    per_level = _generate(anchors, logits, deltas, (50, 50), **settings)
+    np.testing.assert_array_equal(per_level.scores[:3], np.float32([2.0, 1.0, 0.2]))
+
+
 def test_nonfinite_inputs_are_masked_and_counted():
     rng = np.random.default_rng(2)
     logits, deltas = _random_outputs(rng, 1)
