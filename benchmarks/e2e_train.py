@@ -30,14 +30,15 @@ compiling the whole RPN recompiles every step on its data-dependent shapes). Rat
 against the fastest of these.
 
 Timing: the whole steps (ours, ours + proposals, each torchvision variant) take turns
-within each round (load changes hit all alike), each timed right after an untimed call of
-itself, as in a training loop; medians. The breakdown's programs then take
-turns in rounds of their own, with our full steps. Peak memory: each side in a fresh
+within each round (load changes hit all alike; the order rotates), each timed right after
+an untimed call of itself, as in a training loop; medians. The breakdown's programs then
+take turns in rounds of their own, with our full steps. Peak memory: each side in a fresh
 subprocess (build, three steps): its peak RSS, and the rise over the RSS after imports.
 Breakdown: ours by differences of programs (features forward; features forward + backward
 with a dummy loss; + head; the full loss without the optimizer; the full step; + proposals;
-targets alone), torchvision by timing its modules and methods in one step (module hooks and
-wrapped methods) plus the same dummy-loss programs for its backward split.
+targets, the optimizer and the proposals alone), torchvision by timing its modules and
+methods in one step (module hooks and wrapped methods) plus the same dummy-loss programs for
+its backward split.
 """
 
 import argparse

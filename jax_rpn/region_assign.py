@@ -40,7 +40,7 @@ def target_levels(gt_boxes: jax.Array, *, anchor_sizes: Sequence[float]) -> jax.
     """Pyramid level of each xyxy box ``[G, 4]`` -> int32 ``[G]`` in ``[0, L)``, for ``L``
     increasing anchor sides ``anchor_sizes``: the level whose side is nearest to
     ``sqrt(area)`` in log scale, i.e. the number of levels ``l`` with ``area >= sizes[l] *
-    sizes[l + 1]`` (ties go up; zero or non-finite area -> level 0)."""
+    sizes[l + 1]`` (ties go up; zero or NaN area -> level 0)."""
     sizes = [float(s) for s in anchor_sizes]
     if not sizes or min(sizes) <= 0 or any(b <= a for a, b in itertools.pairwise(sizes)):
         raise ValueError(f"anchor_sizes must be positive and increasing, got {anchor_sizes}")
