@@ -70,8 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.head_dim = ml_collections.config_dict.placeholder(int)  # 3x3 conv channels; None: input
     c.model.objectness = "sigmoid"  # sigmoid (A logits per cell) or softmax (2A)
     # standard: the RPN head above. cascade: Cascade RPN (jax_rpn.models.cascade_head), two
-    # stages on one anchor per cell (anchors.sizes one size per level, aspect_ratios (1.0,)),
-    # head_dim channels in both stages' 3x3 convolutions; settings in c.cascade below.
+    # stages on one anchor size per level (anchors.sizes), one aspect ratio as the paper or
+    # several (A anchors per cell), head_dim channels in both stages' 3x3 convolutions;
+    # settings in c.cascade below.
     c.model.head = "standard"
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters and losses stay f32)
 

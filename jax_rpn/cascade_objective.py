@@ -7,7 +7,8 @@ static shapes:
   (:func:`jax_rpn.region_assign.region_assign`), no sampling; the box loss (mmdetection:
   ``1 - IoU`` of the decoded box and its ground truth) over the positives, divided by
   ``B * N / 200`` (N anchors per image: mmdetection's hard-coded average factor without
-  sampling, from guided anchoring).
+  sampling, from guided anchoring). With A > 1 anchors per cell (an extension), a centre-region
+  cell keeps only the anchor of its box's shape positive, the others ignored.
 - Stage 2: the refined anchors matched by IoU (:func:`jax_rpn.matching.match`; mmdetection's
   ``MaxIoUAssigner`` 0.7 / 0.7 with ``min_pos_iou`` 0.3), balanced sampling
   (:func:`jax_rpn.sampling.sample_labels`), sigmoid cross-entropy on the sampled anchors and
@@ -82,7 +83,8 @@ def cascade_targets(
 
     Args:
       key: PRNG key for stage 2's sampling.
-      anchors: L arrays of grid anchors ``[Nl, 4]`` xyxy, one per cell (stage 1's references).
+      anchors: L arrays of grid anchors ``[Hl * Wl * A, 4]`` xyxy, cell-major (stage 1's
+        references).
       refined_anchors: ``[N, 4]`` xyxy, stage 1's boxes, levels concatenated (stage 2's
         references).
       gt_boxes: ``[G, 4]`` xyxy ground truth padded to G; ``gt_valid`` bool ``[G]``;
@@ -109,6 +111,7 @@ def cascade_targets(
         ignore_ratio=ignore_ratio,
         gt_ignore=gt_ignore,
     )
+    labels1 = _best_shape_per_cell(anchors, feature_hws, gt_boxes, matched1, labels1)
     labels2, targets2 = anchor_targets(
         key,
         refined_anchors,
@@ -134,6 +137,30 @@ def cascade_targets(
         stage2_labels=labels2,
         stage2_targets=targets2,
     )
+
+
+def _best_shape_per_cell(anchors, feature_hws, gt_boxes, matched, labels):
+    """With A > 1 anchors per cell, of a positive cell's A anchors only the one whose shape
+    overlaps its box best (both centred: the nearest aspect ratio) stays positive, the others
+    become -1 (ignored): each anchor shape learns the boxes of its own shape. Labels ``[N]``."""
+    out, start = [], 0
+    for a, (h, w) in zip(anchors, feature_hws, strict=True):
+        a = jnp.asarray(a, jnp.float32)
+        n = a.shape[0]
+        num_a = n // (h * w)
+        level = labels[start : start + n]
+        if num_a > 1:
+            box = gt_boxes[matched[start : start + n]]  # [Nl, 4]
+            wa, ha = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+            wg, hg = box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]
+            inter = jnp.minimum(wa, wg) * jnp.minimum(ha, hg)
+            shape_iou = inter / (wa * ha + wg * hg - inter)  # [Nl]
+            shape_iou = jnp.where(level == 1, shape_iou, -1.0).reshape(h * w, num_a)
+            best = jnp.arange(num_a)[None, :] == jnp.argmax(shape_iou, axis=1)[:, None]
+            level = jnp.where((level == 1) & ~best.reshape(n), -1, level)
+        out.append(level)
+        start += n
+    return jnp.concatenate(out)
 
 
 def _flat(levels, batch_size, *trailing):

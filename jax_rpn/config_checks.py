@@ -178,10 +178,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.anchors: {e}") from None
     if config.model.head == "cascade":
         _require(
-            anchors.num_cell_anchors == 1,
-            "anchors.sizes/aspect_ratios",
-            'one anchor per cell with model.head = "cascade" (one size per level, one ratio)',
-            (config.anchors.sizes, config.anchors.aspect_ratios),
+            all(len(sizes) == 1 for sizes in anchors.sizes),
+            "anchors.sizes",
+            'one size per level with model.head = "cascade"',
+            config.anchors.sizes,
         )
         _one_of(config, "model.objectness", ("sigmoid",))
         c = CascadeSettings.from_config(config)

@@ -145,6 +145,40 @@ def test_adaptive_conv_at_regular_points_is_a_dilated_conv(dilation):
     )
 
 
+def test_adaptive_conv_with_taps_per_anchor_is_one_conv_per_anchor():
+    """Points ``[B, H, W, A, 9, 2]`` (A anchors per cell, two levels): output anchor ``a`` is the
+    convolution at points ``[..., a, :, :]``, values and gradients."""
+    rng = np.random.default_rng(4)
+    xs = [rng.normal(size=(2, 5, 6, 3)).astype(np.float32), rng.normal(size=(2, 3, 3, 3))]
+    xs[1] = xs[1].astype(np.float32)
+    kernel = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+    points = [rng.uniform(-1.5, 6.5, size=(*x.shape[:3], 3, 9, 2)).astype(np.float32) for x in xs]
+    d_outs = [rng.normal(size=(*x.shape[:3], 3, 4)).astype(np.float32) for x in xs]
+
+    def per_anchor(xs, k):
+        outs = multilevel_adaptive_conv(xs, points, k)
+        return outs, sum(jnp.sum(o * d) for o, d in zip(outs, d_outs, strict=True))
+
+    def one_by_one(xs, k):
+        outs = [
+            jnp.stack([multilevel_adaptive_conv([x], [p[:, :, :, a]], k)[0] for a in range(3)], 3)
+            for x, p in zip(xs, points, strict=True)
+        ]
+        return outs, sum(jnp.sum(o * d) for o, d in zip(outs, d_outs, strict=True))
+
+    got, _ = jax.jit(per_anchor)(xs, kernel)
+    want, _ = one_by_one(xs, kernel)
+    assert [g.shape for g in got] == [(2, 5, 6, 3, 4), (2, 3, 3, 3, 4)]
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = jax.grad(lambda xs, k, f: f(xs, k)[1], argnums=(0, 1))
+    chex.assert_trees_all_close(
+        jax.jit(grad, static_argnums=2)(xs, kernel, per_anchor),
+        grad(xs, kernel, one_by_one),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
 def test_anchor_points_sit_on_the_anchor_as_mmdetection_offsets():
     # Anchor [8, 16, 24, 48] at stride 8: centre (x, y) = (2, 4), half size (1, 2) cells.
     got = np.asarray(anchor_points(jnp.array([8.0, 16.0, 24.0, 48.0]), stride=8))
@@ -424,6 +458,54 @@ def test_stage2_low_quality_positive_needs_min_iou():
     np.testing.assert_array_equal(labels, [1, 1, 0])
 
 
+def test_stage1_with_anchors_per_cell_keeps_the_best_shape():
+    """Three anchors per cell (h / w 0.5, 1, 2, area 16^2, A fastest): in each centre-region
+    cell only the anchor of the box's shape is positive, its cell-mates are ignored."""
+    centres = _grid((4, 4), 8, 0)[:, :2]  # [16, 2]
+    shapes = [(16 * np.sqrt(2), 16 / np.sqrt(2)), (16.0, 16.0), (16 / np.sqrt(2), 16 * np.sqrt(2))]
+    anchors = (
+        np.concatenate(
+            [
+                np.concatenate([centres - np.array(wh) / 2, centres + np.array(wh) / 2], 1)[:, None]
+                for wh in shapes
+            ],
+            1,
+        )
+        .reshape(48, 4)
+        .astype(np.float32)
+    )  # cell-major, then h / w 0.5, 1, 2
+    # A tall box, 12 x 24 (h / w 2), and a wide one, 20 x 10 (h / w 0.5).
+    gt = np.array([[4.0, 2.0, 16.0, 26.0], [10.0, 20.0, 30.0, 30.0]], np.float32)
+    t = jax.jit(
+        lambda k, g, v: cascade_targets(
+            k,
+            [anchors],
+            anchors,
+            g,
+            v,
+            strides=(8,),
+            feature_hws=((4, 4),),
+            anchor_sizes=(16.0,),
+            num_samples=32,
+        )
+    )(jax.random.key(0), gt, np.array([True, True]))
+    labels = np.asarray(t.stage1_labels).reshape(16, 3)
+    # Tall box in cells (/ 8): x 0.5..2, y 0.25..3.25. Centre region x round(1.1)=1 ..
+    # round(1.4)=1, y round(1.45)=1 .. round(2.05)=2: cells 5 and 9; ignore region x 1..2,
+    # y 1..2 (round(2.5) = 2): cells 6 and 10 ignored. Centred shape IoU with the tall anchor
+    # (11.3 x 22.6): 256 / 288 = 0.89; the square: 192 / 352 = 0.55; the wide: 0.33.
+    np.testing.assert_array_equal(labels[[5, 9]], [[-1, -1, 1], [-1, -1, 1]])
+    np.testing.assert_array_equal(labels[[6, 10]], -1)
+    # Wide box: x 1.25..3.75, y 2.5..3.75: centre and ignore regions are cells 14 and 15; the
+    # wide anchor (22.6 x 11.3): 200 / 256 = 0.78 beats the square's 160 / 296.
+    np.testing.assert_array_equal(labels[[14, 15]], [[1, -1, -1], [1, -1, -1]])
+    assert np.sum(labels == 1) == 4 and np.sum(labels == -1) == 4 * 3 - 4 + 2 * 3
+    np.testing.assert_array_equal(
+        np.asarray(t.stage1_labels) == 0,
+        np.isin(np.arange(48) // 3, [0, 1, 2, 3, 4, 7, 8, 11, 12, 13]),
+    )
+
+
 def _outputs(anchors, refined, batch_size=1):
     """CascadeRPNOutput of one level with zero deltas and logits."""
     n = anchors[0].shape[0]
@@ -502,8 +584,15 @@ def tiny_model():
     return config, model, init_variables(model, jax.random.key(0), (2, 64, 64, 3))
 
 
-def test_model_outputs_and_proposals_from_refined_anchors(tiny_model):
+@pytest.mark.parametrize("ratios", [(1.0,), (0.5, 1.0, 2.0)])
+def test_model_outputs_and_proposals_from_refined_anchors(tiny_model, ratios):
     config, model, variables = tiny_model
+    num_a = len(ratios)
+    if num_a > 1:  # A anchors per cell: stage 1 predicts 4 A deltas, stage 2 samples per anchor
+        config = _tiny_cascade_config()
+        config.anchors.aspect_ratios = ratios
+        model = build_rpn(config)
+        variables = init_variables(model, jax.random.key(0), (2, 64, 64, 3))
     head = variables["params"]["head"]
     assert set(head) == {"stage1_conv", "stage1_deltas", "stage2_conv", "objectness", "deltas"}
     assert head["stage2_conv"]["kernel"].shape == (3, 3, 16, 16)  # no bias (DeformConv2d)
@@ -511,7 +600,11 @@ def test_model_outputs_and_proposals_from_refined_anchors(tiny_model):
     image_hw = jnp.array([[64, 64], [40, 64]])
     out = jax.jit(functools.partial(model.apply, train=False))(variables, images, image_hw=image_hw)
     assert isinstance(out, CascadeRPNOutput)
-    assert [o.shape for o in out.objectness] == [(2, s, s, 1) for s in (16, 8, 4, 2, 1)]
+    sides = (16, 8, 4, 2, 1)
+    assert [o.shape for o in out.objectness] == [(2, s, s, num_a) for s in sides]
+    assert [d.shape for d in out.deltas] == [(2, s, s, num_a, 4) for s in sides]
+    assert [d.shape for d in out.stage1_deltas] == [(2, s, s, num_a, 4) for s in sides]
+    assert [r.shape for r in out.refined_anchors] == [(2, s * s * num_a, 4) for s in sides]
     # Refined anchors: stage 1's boxes (coder weights 10, 10, 2, 2), clipped to each image.
     d1 = out.stage1_deltas[0].reshape(2, -1, 4)
     want = box_ops.clip(
@@ -623,10 +716,13 @@ def test_configs_follow_mmdetection_and_validate():
     )
     assert (coco.proposals.post_nms_topk_test, coco.proposals.nms_threshold) == (2000, 0.8)
     config_checks.validate(cascade_config.get_config())
-    with pytest.raises(ValueError, match="one anchor per cell"):
+    with pytest.raises(ValueError, match="one anchor size per level"):
         c = cascade_config.get_config()
-        c.anchors.aspect_ratios = (0.5, 1.0, 2.0)
+        c.anchors.sizes = ((16, 24), (32, 48), (64, 96), (128, 192), (256, 384))
         build_rpn(c).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+    with pytest.raises(ValueError, match="anchors.sizes.*one size per level"):
+        config_checks.validate(c)
+
     with pytest.raises(ValueError, match="anchors.sizes.*increasing"):
         c = cascade_config.get_config()
         c.anchors.sizes = ((16,), (64,), (32,), (128,), (256,))

@@ -170,31 +170,36 @@ def multilevel_adaptive_conv(
 ) -> list[jax.Array]:
     """:func:`adaptive_conv` of a batch on several maps with one kernel, in one pass:
     ``xs`` L arrays ``[B, Hl, Wl, C]``, ``points`` L arrays ``[B, Hl, Wl, 9, 2]`` -> L arrays
-    ``[B, Hl, Wl, O]`` (what a head shared by the pyramid levels needs)."""
+    ``[B, Hl, Wl, O]`` (what a head shared by the pyramid levels needs). With ``A`` sets of
+    taps per cell, ``points [B, Hl, Wl, A, 9, 2]`` (one per anchor), the outputs are
+    ``[B, Hl, Wl, A, O]``."""
     if len(xs) != len(points) or not xs:
         raise ValueError(f"need one points array per map, got {len(points)} for {len(xs)} maps")
     c = check_shape(xs[0], "xs[0]", "[B, H, W, C]")["C"]
     check_shape(kernel, "kernel", "[3, 3, C, O]", sizes={"C": c})
-    tables, rows, weights, offset = [], [], [], 0
+    tables, rows, weights, shapes, offset = [], [], [], [], 0
     for level, (x, p) in enumerate(zip(xs, points, strict=True)):
         level_sizes = check_shape(x, f"xs[{level}]", "[B, H, W, C]", sizes={"C": c})
-        check_shape(p, f"points[{level}]", "[B, H, W, 9, 2]", sizes=level_sizes)
+        layout = "[B, H, W, A, 9, 2]" if np.ndim(p) == 6 else "[B, H, W, 9, 2]"
+        check_shape(p, f"points[{level}]", layout, sizes=level_sizes)
         b, h, w = x.shape[:3]
         if isinstance(p, np.ndarray):  # e.g. a broadcast view: jit wants a plain array
             p = np.ascontiguousarray(p, np.float32)
-        r, wt = _rows_and_weights(jnp.asarray(p, jnp.float32).reshape(b, h * w, 9, 2), (h, w))
+        p = jnp.asarray(p, jnp.float32).reshape(b, -1, 9, 2)  # [B, Hl * Wl * A, 9, 2]
+        r, wt = _rows_and_weights(p, (h, w))
         per_image = (h + 1) * (w + 1)
         r = r + offset + per_image * jnp.arange(b, dtype=jnp.int32)[:, None, None]
         tables.append(jax.vmap(_neighbourhoods)(x).reshape(b * per_image, 4 * c))
-        rows.append(r.reshape(b * h * w, 9))
-        weights.append(wt.reshape(b * h * w, 9, 4).astype(x.dtype))
+        rows.append(r.reshape(-1, 9))
+        weights.append(wt.reshape(-1, 9, 4).astype(x.dtype))
+        shapes.append(p.shape[:1] + tuple(np.shape(points[level])[1:-2]))  # (B, Hl, Wl[, A])
         offset += b * per_image
     kernel_2d = kernel.reshape(9 * c, -1).astype(xs[0].dtype)  # row (ky * 3 + kx) * C + c
     out = _sampled_conv(
         jnp.concatenate(tables), jnp.concatenate(rows), jnp.concatenate(weights), kernel_2d
     )
-    sizes = np.cumsum([x.shape[0] * x.shape[1] * x.shape[2] for x in xs])[:-1]
-    return [o.reshape(*x.shape[:3], -1) for o, x in zip(jnp.split(out, sizes), xs, strict=True)]
+    sizes = np.cumsum([np.prod(shape) for shape in shapes])[:-1]
+    return [o.reshape(*shape, -1) for o, shape in zip(jnp.split(out, sizes), shapes, strict=True)]
 
 
 def adaptive_conv(x: jax.Array, points: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -1,4 +1,5 @@
-"""The Cascade RPN head (Vu et al., NeurIPS 2019): two stages on one anchor per location.
+"""The Cascade RPN head (Vu et al., NeurIPS 2019): two stages on one anchor per location, or
+on A anchors per location (one size, several aspect ratios: an extension, not in the paper).
 
 mmdetection's ``CascadeRPNHead`` with two ``StageCascadeRPNHead`` stages
 (``mmdet/models/dense_heads/cascade_rpn_head.py``), one set of weights shared by all levels:
@@ -11,9 +12,13 @@ mmdetection's ``CascadeRPNHead`` with two ``StageCascadeRPNHead`` stages
   (:func:`jax_rpn.models.adaptive_conv.anchor_points`) + ReLU, then 1x1 convolutions to an
   objectness logit and box deltas against the refined anchor. Proposals come from stage 2.
 
+With A anchors per cell, stage 1 predicts 4 A deltas per cell and stage 2 samples once per
+refined anchor (A adaptive convolutions per cell, one kernel), so each anchor keeps its own
+aligned features; the 1x1 predictors are shared by the A anchors.
+
 All convolutions are initialised normal(0.01) with zero bias, as mmdetection; the adaptive
 convolution has no bias (mmcv's ``DeformConv2d(bias=False)``). Shapes follow
-:class:`jax_rpn.models.RPNOutput` with A = 1.
+:class:`jax_rpn.models.RPNOutput`.
 """
 
 from collections.abc import Sequence
@@ -31,14 +36,15 @@ from jax_rpn.models.head import Conv1x1Params
 
 @struct.dataclass
 class CascadeRPNOutput:
-    """Per-level Cascade RPN outputs for a batch (a pytree; L levels, B images, A = 1).
+    """Per-level Cascade RPN outputs for a batch (a pytree; L levels, B images, A anchors per
+    cell: 1 in Cascade RPN).
 
     Attributes:
-      objectness: L float32 arrays ``[B, Hl, Wl, 1]``, stage-2 sigmoid logits.
-      deltas: L float32 arrays ``[B, Hl, Wl, 1, 4]``, stage-2 deltas against ``refined_anchors``.
-      anchors: L arrays ``[Hl * Wl, 4]``, the grid anchors (stage 1's references), xyxy.
-      stage1_deltas: L float32 arrays ``[B, Hl, Wl, 1, 4]``, stage-1 deltas against ``anchors``.
-      refined_anchors: L float32 arrays ``[B, Hl * Wl, 4]``, xyxy: stage 1's boxes, clipped to
+      objectness: L float32 arrays ``[B, Hl, Wl, A]``, stage-2 sigmoid logits.
+      deltas: L float32 arrays ``[B, Hl, Wl, A, 4]``, stage-2 deltas against ``refined_anchors``.
+      anchors: L arrays ``[Hl * Wl * A, 4]``, the grid anchors (stage 1's references), xyxy.
+      stage1_deltas: L float32 arrays ``[B, Hl, Wl, A, 4]``, stage-1 deltas against ``anchors``.
+      refined_anchors: L float32 arrays ``[B, Hl * Wl * A, 4]``, xyxy: stage 1's boxes, clipped to
         the image, without gradient (stage 2's references).
       features: the L feature maps ``[B, Hl, Wl, C]`` the head saw.
       strides: L ints (static).
@@ -101,12 +107,21 @@ class CascadeHead(nn.Module):
                 f"need one anchors array and stride per level, got {len(anchors)} and "
                 f"{len(strides)} for {len(features)} levels"
             )
-        for f, a in zip(features, anchors, strict=True):
-            if tuple(a.shape) != (f.shape[1] * f.shape[2], 4):
-                raise ValueError(
-                    f"the cascade head takes one anchor per cell: anchors {tuple(a.shape)} for "
-                    f"a {f.shape[1]}x{f.shape[2]} level (expected {(f.shape[1] * f.shape[2], 4)})"
-                )
+        cells = [f.shape[1] * f.shape[2] for f in features]
+        num_anchors = {a.shape[0] // n for a, n in zip(anchors, cells, strict=True)}
+        if (
+            len(num_anchors) != 1
+            or any(
+                a.ndim != 2 or a.shape != (n * max(num_anchors), 4)
+                for a, n in zip(anchors, cells, strict=True)
+            )
+            or min(num_anchors) < 1
+        ):
+            raise ValueError(
+                f"anchors must be [Hl * Wl * A, 4] with the same A >= 1 on every level, got "
+                f"{[tuple(a.shape) for a in anchors]} for levels of {cells} cells"
+            )
+        (num_a,) = num_anchors
         if self.conv_dim is not None and self.conv_dim <= 0:
             raise ValueError(f"conv_dim must be > 0 or None, got {self.conv_dim}")
         dim = shapes[0][-1] if self.conv_dim is None else self.conv_dim
@@ -116,10 +131,10 @@ class CascadeHead(nn.Module):
             dim, dilation=self.stage1_dilation, dtype=self.dtype, name="stage1_conv"
         )
         stage2_conv = AdaptiveConv(dim, dtype=self.dtype, name="stage2_conv")
-        s1_kernel, s1_bias = Conv1x1Params(4, name="stage1_deltas")(dim)
+        s1_kernel, s1_bias = Conv1x1Params(4 * num_a, name="stage1_deltas")(dim)
+        s1_kernel, s1_bias = s1_kernel[0, 0].astype(self.dtype), s1_bias.astype(self.dtype)
         cls_kernel, cls_bias = Conv1x1Params(1, name="objectness")(dim)
         box_kernel, box_bias = Conv1x1Params(4, name="deltas")(dim)
-        s1_kernel, s1_bias = s1_kernel[0, 0].astype(self.dtype), s1_bias.astype(self.dtype)
         kernel = jnp.concatenate([cls_kernel, box_kernel], -1)[0, 0].astype(self.dtype)
         bias = jnp.concatenate([cls_bias, box_bias]).astype(self.dtype)  # [5]
 
@@ -131,15 +146,14 @@ class CascadeHead(nn.Module):
         stage1_deltas, refined, points = [], [], []
         for x, level_anchors, stride in zip(bridged, anchors, strides, strict=True):
             b, h, w = x.shape[:3]
-            d1 = (x @ s1_kernel + s1_bias).astype(jnp.float32)  # [B, H, W, 4]
-            boxes = refine(level_anchors, d1.reshape(b, h * w, 4), image_hw)  # [B, H * W, 4]
-            stage1_deltas.append(d1.reshape(b, h, w, 1, 4))
+            d1 = (x @ s1_kernel + s1_bias).astype(jnp.float32).reshape(b, h, w, num_a, 4)
+            boxes = refine(level_anchors, d1.reshape(b, -1, 4), image_hw)  # [B, H * W * A, 4]
+            stage1_deltas.append(d1)
             refined.append(boxes)
-            points.append(anchor_points(boxes.reshape(b, h, w, 4), stride=stride))
+            points.append(anchor_points(boxes.reshape(b, h, w, num_a, 4), stride=stride))
         objectness, deltas = [], []
-        for x in stage2_conv(bridged, points):  # taps on the refined anchors [B, H, W, 9, 2]
-            b, h, w = x.shape[:3]
-            out = (nn.relu(x) @ kernel + bias).astype(jnp.float32)  # [B, H, W, 5]
-            objectness.append(out[..., :1])
-            deltas.append(out[..., 1:].reshape(b, h, w, 1, 4))
+        for x in stage2_conv(bridged, points):  # taps on the refined anchors [B, H, W, A, 9, 2]
+            out = (nn.relu(x) @ kernel + bias).astype(jnp.float32)  # [B, H, W, A, 5]
+            objectness.append(out[..., 0])
+            deltas.append(out[..., 1:])
         return tuple(stage1_deltas), tuple(refined), tuple(objectness), tuple(deltas)

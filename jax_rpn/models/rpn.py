@@ -190,7 +190,7 @@ class RPN(nn.Module):
         the feature channels).
       objectness: ``sigmoid`` or ``softmax``.
       head_type: ``standard`` (:class:`jax_rpn.models.head.RPNHead`) or ``cascade``
-        (:class:`jax_rpn.models.cascade_head.CascadeHead`: A = 1, sigmoid objectness,
+        (:class:`jax_rpn.models.cascade_head.CascadeHead`: one size per level, sigmoid objectness,
         ``head_dim`` channels, ``cascade_dilation`` and ``cascade_weights`` for stage 1; the
         module then returns a :class:`jax_rpn.models.cascade_head.CascadeRPNOutput`).
       strides, sizes, aspect_ratios, offset, convention: the anchors, as
@@ -263,11 +263,10 @@ class RPN(nn.Module):
         if self.head_type not in HEADS:
             raise ValueError(f"head_type must be one of {HEADS}, got {self.head_type!r}")
         if self.head_type == "cascade":
-            if a != 1 or self.objectness != "sigmoid":
+            if any(len(s) != 1 for s in self.sizes) or self.objectness != "sigmoid":
                 raise ValueError(
-                    f"the cascade head takes one anchor per cell (anchors.sizes one size per "
-                    f"level, aspect_ratios one ratio: A = 1, got A = {a}) and sigmoid "
-                    f"objectness (got {self.objectness!r})"
+                    f"the cascade head takes one anchor size per level (anchors.sizes, got "
+                    f"{self.sizes}) and sigmoid objectness (got {self.objectness!r})"
                 )
             self.head = CascadeHead(
                 conv_dim=self.head_dim,
