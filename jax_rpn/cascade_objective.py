@@ -143,18 +143,19 @@ def _best_shape_per_cell(anchors, feature_hws, gt_boxes, matched, labels):
     """With A > 1 anchors per cell, of a positive cell's A anchors only the one whose shape
     overlaps its box best (both centred: the nearest aspect ratio) stays positive, the others
     become -1 (ignored): each anchor shape learns the boxes of its own shape. Labels ``[N]``."""
+
+    def centred(boxes):  # [..., 4] -> the same shapes centred on the origin
+        half = (boxes[..., 2:] - boxes[..., :2]) / 2
+        return jnp.concatenate([-half, half], -1)
+
     out, start = [], 0
     for a, (h, w) in zip(anchors, feature_hws, strict=True):
-        a = jnp.asarray(a, jnp.float32)
         n = a.shape[0]
         num_a = n // (h * w)
         level = labels[start : start + n]
         if num_a > 1:
             box = gt_boxes[matched[start : start + n]]  # [Nl, 4]
-            wa, ha = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
-            wg, hg = box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]
-            inter = jnp.minimum(wa, wg) * jnp.minimum(ha, hg)
-            shape_iou = inter / (wa * ha + wg * hg - inter)  # [Nl]
+            shape_iou = box_ops.aligned_iou(centred(jnp.asarray(a, jnp.float32)), centred(box))
             shape_iou = jnp.where(level == 1, shape_iou, -1.0).reshape(h * w, num_a)
             best = jnp.arange(num_a)[None, :] == jnp.argmax(shape_iou, axis=1)[:, None]
             level = jnp.where((level == 1) & ~best.reshape(n), -1, level)

@@ -192,7 +192,7 @@ def multilevel_adaptive_conv(
         tables.append(jax.vmap(_neighbourhoods)(x).reshape(b * per_image, 4 * c))
         rows.append(r.reshape(-1, 9))
         weights.append(wt.reshape(-1, 9, 4).astype(x.dtype))
-        shapes.append(p.shape[:1] + tuple(np.shape(points[level])[1:-2]))  # (B, Hl, Wl[, A])
+        shapes.append(np.shape(points[level])[:-2])  # (B, Hl, Wl[, A])
         offset += b * per_image
     kernel_2d = kernel.reshape(9 * c, -1).astype(xs[0].dtype)  # row (ky * 3 + kx) * C + c
     out = _sampled_conv(

@@ -108,20 +108,14 @@ class CascadeHead(nn.Module):
                 f"{len(strides)} for {len(features)} levels"
             )
         cells = [f.shape[1] * f.shape[2] for f in features]
-        num_anchors = {a.shape[0] // n for a, n in zip(anchors, cells, strict=True)}
-        if (
-            len(num_anchors) != 1
-            or any(
-                a.ndim != 2 or a.shape != (n * max(num_anchors), 4)
-                for a, n in zip(anchors, cells, strict=True)
-            )
-            or min(num_anchors) < 1
+        num_a = anchors[0].shape[0] // cells[0]  # A, anchors per cell
+        if num_a < 1 or any(
+            tuple(a.shape) != (n * num_a, 4) for a, n in zip(anchors, cells, strict=True)
         ):
             raise ValueError(
                 f"anchors must be [Hl * Wl * A, 4] with the same A >= 1 on every level, got "
                 f"{[tuple(a.shape) for a in anchors]} for levels of {cells} cells"
             )
-        (num_a,) = num_anchors
         if self.conv_dim is not None and self.conv_dim <= 0:
             raise ValueError(f"conv_dim must be > 0 or None, got {self.conv_dim}")
         dim = shapes[0][-1] if self.conv_dim is None else self.conv_dim
