@@ -1,7 +1,8 @@
 """Speed of the full RPN train step: steps/s, images/s, compile time, RPN overhead, memory.
 
 For each config (``configs/default.py`` and its Cascade RPN variant ``configs/cascade.py`` as
-they are; ``configs/coco_r50_fpn.py`` at a CPU-feasible ``pad_to`` 256x384 and batch 2) the
+they are, the cascade also with three anchors per cell (``cascade_a3``);
+``configs/coco_r50_fpn.py`` at a CPU-feasible ``pad_to`` 256x384 and batch 2) the
 train step is built exactly as the trainer builds it (``build_rpn``, ``create_optimizer``,
 ``create_train_state``, ``make_train_step``, ``parallel.parallelize``) and fed a random batch
 of the pipeline's structure.
@@ -48,6 +49,8 @@ from benchmarks import common  # noqa: E402
 CONFIGS = {
     "default": ("configs.default", {}),
     "cascade": ("configs.cascade", {}),
+    # Cascade RPN with three anchors per cell (one size per level, ratios 0.5, 1, 2).
+    "cascade_a3": ("configs.cascade", {"anchors.aspect_ratios": (0.5, 1.0, 2.0)}),
     "coco_r50_fpn": ("configs.coco_r50_fpn", {"data.pad_to": (256, 384), "batch_size": 2}),
 }
 
