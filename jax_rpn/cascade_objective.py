@@ -111,7 +111,8 @@ def cascade_targets(
         ignore_ratio=ignore_ratio,
         gt_ignore=gt_ignore,
     )
-    labels1 = _best_shape_per_cell(anchors, feature_hws, gt_boxes, matched1, labels1)
+    num_a = grid.shape[0] // sum(h * w for h, w in feature_hws)  # A, anchors per cell
+    labels1 = _best_shape_per_cell(grid, num_a, gt_boxes, matched1, labels1)
     labels2, targets2 = anchor_targets(
         key,
         refined_anchors,
@@ -139,29 +140,22 @@ def cascade_targets(
     )
 
 
-def _best_shape_per_cell(anchors, feature_hws, gt_boxes, matched, labels):
+def _best_shape_per_cell(grid, num_a, gt_boxes, matched, labels):
     """With A > 1 anchors per cell, of a positive cell's A anchors only the one whose shape
     overlaps its box best (both centred: the nearest aspect ratio) stays positive, the others
-    become -1 (ignored): each anchor shape learns the boxes of its own shape. Labels ``[N]``."""
+    become -1 (ignored): each anchor shape learns the boxes of its own shape. ``grid [N, 4]``
+    (every level cell-major, A fastest, so ``[N / A, A]`` are the cells), labels ``[N]``."""
+    if num_a == 1:
+        return labels
 
     def centred(boxes):  # [..., 4] -> the same shapes centred on the origin
         half = (boxes[..., 2:] - boxes[..., :2]) / 2
         return jnp.concatenate([-half, half], -1)
 
-    out, start = [], 0
-    for a, (h, w) in zip(anchors, feature_hws, strict=True):
-        n = a.shape[0]
-        num_a = n // (h * w)
-        level = labels[start : start + n]
-        if num_a > 1:
-            box = gt_boxes[matched[start : start + n]]  # [Nl, 4]
-            shape_iou = box_ops.aligned_iou(centred(jnp.asarray(a, jnp.float32)), centred(box))
-            shape_iou = jnp.where(level == 1, shape_iou, -1.0).reshape(h * w, num_a)
-            best = jnp.arange(num_a)[None, :] == jnp.argmax(shape_iou, axis=1)[:, None]
-            level = jnp.where((level == 1) & ~best.reshape(n), -1, level)
-        out.append(level)
-        start += n
-    return jnp.concatenate(out)
+    shape_iou = box_ops.aligned_iou(centred(grid), centred(gt_boxes[matched]))  # [N]
+    shape_iou = jnp.where(labels == 1, shape_iou, -1.0).reshape(-1, num_a)  # [N / A, A]
+    best = jnp.arange(num_a)[None, :] == jnp.argmax(shape_iou, axis=1)[:, None]
+    return jnp.where((labels == 1) & ~best.reshape(-1), -1, labels)
 
 
 def _flat(levels, batch_size, *trailing):
