@@ -6,7 +6,7 @@ the default's scale. What differs from the default:
 - one square anchor per cell, the default's smallest size per level (16..256 px: 4 x stride,
   mmdetection's ``scales=[8]`` halved for these small images);
 - both stages' 3x3 convolutions 32 channels wide (64, the FPN's width, made the train step
-  1.57x the default's against 1.28x for 32 in one measurement; 1.06-1.18x for 32 in later
+  1.57x the default's against 1.28x for 32 in one measurement; 1.06-1.23x for 32 in later
   ones, see the README);
 - stage 2 matched at IoU 0.5 / 0.5 instead of mmdetection's 0.7 / 0.7: 78 instead of 33
   positives per image, so more refined anchors learn to regress (1350 steps: AR@100 0.712 ->
