@@ -629,6 +629,34 @@ def test_model_outputs_and_proposals_from_refined_anchors(tiny_model, ratios):
     assert float(props.scores[1, 0]) == pytest.approx(float(flat_logits[1, top]), rel=1e-6)
 
 
+@pytest.mark.parametrize("dilation", [1, 3])
+def test_config_dilation_is_stage_1s_convolution(tiny_model, dilation):
+    """``cascade.stage1_dilation`` (``configs/cascade.py``: 1, mmdetection's: 3) is the dilation
+    of stage 1's 3x3 convolution: its deltas equal ``relu(conv) @ predictor`` computed with
+    ``lax.conv_general_dilated`` of that dilation on the features the head saw."""
+    config = _tiny_cascade_config()
+    config.cascade.stage1_dilation = dilation
+    model = build_rpn(config)
+    _, _, variables = tiny_model  # stage 1's parameters do not depend on the dilation
+    images = jax.random.normal(jax.random.key(2), (2, 64, 64, 3))
+    out = jax.jit(functools.partial(model.apply, train=False))(variables, images)
+    head = variables["params"]["head"]
+    conv, predictor = head["stage1_conv"]["conv"], head["stage1_deltas"]
+    for features, deltas in zip(out.features[:2], out.stage1_deltas[:2], strict=True):
+        hidden = jax.lax.conv_general_dilated(
+            features,
+            conv["kernel"],
+            window_strides=(1, 1),
+            padding=((dilation, dilation), (dilation, dilation)),
+            rhs_dilation=(dilation, dilation),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision="highest",
+        )
+        hidden = jax.nn.relu(hidden + conv["bias"])
+        want = hidden @ predictor["kernel"][0, 0] + predictor["bias"]  # [B, H, W, 4]
+        np.testing.assert_allclose(deltas[..., 0, :], want, rtol=1e-4, atol=1e-6)
+
+
 def test_gradients_finite_for_degenerate_refined_anchors():
     """Stage 1 pushed to zero-size boxes, or far outside the image (clipped to a line on its
     border): stage 2 samples nothing useful, and the loss and gradients stay finite."""

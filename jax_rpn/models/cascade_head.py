@@ -4,7 +4,9 @@ on A anchors per location (one size, several aspect ratios: an extension, not in
 mmdetection's ``CascadeRPNHead`` with two ``StageCascadeRPNHead`` stages
 (``mmdet/models/dense_heads/cascade_rpn_head.py``), one set of weights shared by all levels:
 
-- Stage 1: a 3x3 convolution of dilation 3 (``AdaptiveConv`` ``type='dilation'``) + ReLU,
+- Stage 1: a 3x3 convolution (``AdaptiveConv`` ``type='dilation'``) of dilation
+  ``stage1_dilation`` (mmdetection's 3, for its anchors of 8 x stride; ``configs/cascade.py``
+  has 4 x stride anchors and dilation 1) + ReLU,
   then a 1x1 convolution to box deltas. Its features are *bridged*: stage 2 convolves them.
   The deltas refine the anchors; the refined anchors (no gradient, clipped to the image) are
   stage 2's references.
