@@ -6,7 +6,7 @@ the default's scale. What differs from the default:
 - one square anchor per cell, the default's smallest size per level (16..256 px: 4 x stride,
   mmdetection's ``scales=[8]`` halved for these small images);
 - both stages' 3x3 convolutions 32 channels wide (64, the FPN's width, made the train step
-  1.57x the default's against 1.28x for 32 in one measurement; 1.06-1.23x for 32 in later
+  1.57x the default's against 1.28x for 32 in one measurement; 1.06-1.24x for 32 in later
   ones, see the README);
 - stage 2 matched at IoU 0.5 / 0.5 instead of mmdetection's 0.7 / 0.7: 78 instead of 33
   positives per image, so more refined anchors learn to regress (1350 steps: AR@100 0.712 ->
@@ -16,8 +16,8 @@ the default's scale. What differs from the default:
 - stage 1's convolution at dilation 1 instead of mmdetection's 3: its taps at +-3 cells lie
   at 3/4 of the half side of mmdetection's anchors (8 x stride), but at 1.5x the half side of
   these (4 x stride), outside the anchor; at dilation 1 they lie at half of it (1350 steps:
-  AR@100 0.722 -> 0.738, recall@0.7@100 0.866 -> 0.881, with seed 1 0.860 -> 0.871;
-  dilation 2: 0.734 and 0.874; the README's "Stage 1's dilation");
+  AR@100 0.722 -> 0.738, recall@0.7@100 0.866 -> 0.881, with seed 1 0.860 -> 0.871, at
+  1270 steps 0.867; dilation 2: 0.734 and 0.874; the README's "Stage 1's dilation");
 - proposals with NMS 0.8 as mmdetection (with 0.7 / 0.7 matching 0.9 was better: stage 2's
   boxes were fewer and tight, and at 0.8 a better-placed box was often suppressed by a
   higher-scored neighbour; NMS acts only at evaluation, so the trained weights are the same);
