@@ -98,6 +98,19 @@ def test_adaptive_conv_matches_numpy_bilinear_convolution():
     np.testing.assert_allclose(got_dk, want_dk, rtol=1e-5, atol=1e-5)
 
 
+def _dilated_conv(x, kernel, dilation):
+    """The reference: ``lax``'s 3x3 convolution of ``dilation``, zero padding, NHWC / HWIO."""
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (1, 1),
+        ((dilation, dilation), (dilation, dilation)),
+        rhs_dilation=(dilation, dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision="highest",
+    )
+
+
 @pytest.mark.parametrize("dilation", [1, 3])
 def test_adaptive_conv_at_regular_points_is_a_dilated_conv(dilation):
     """Zero offsets: the plain 3x3 convolution of that dilation with zero padding (lax)."""
@@ -108,15 +121,7 @@ def test_adaptive_conv_at_regular_points_is_a_dilated_conv(dilation):
         np.broadcast_to(regular_points((7, 9), dilation=dilation), (2, 7, 9, 9, 2))
     )
 
-    def conv(x, k):
-        return jax.lax.conv_general_dilated(
-            x,
-            k,
-            (1, 1),
-            ((dilation, dilation), (dilation, dilation)),
-            rhs_dilation=(dilation, dilation),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+    conv = functools.partial(_dilated_conv, dilation=dilation)
 
     def ours(x, k):
         return jax.vmap(adaptive_conv, in_axes=(0, 0, None))(x, points, k)
@@ -643,15 +648,7 @@ def test_config_dilation_is_stage_1s_convolution(tiny_model, dilation):
     head = variables["params"]["head"]
     conv, predictor = head["stage1_conv"]["conv"], head["stage1_deltas"]
     for features, deltas in zip(out.features[:2], out.stage1_deltas[:2], strict=True):
-        hidden = jax.lax.conv_general_dilated(
-            features,
-            conv["kernel"],
-            window_strides=(1, 1),
-            padding=((dilation, dilation), (dilation, dilation)),
-            rhs_dilation=(dilation, dilation),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            precision="highest",
-        )
+        hidden = _dilated_conv(features, conv["kernel"], dilation)
         hidden = jax.nn.relu(hidden + conv["bias"])
         want = hidden @ predictor["kernel"][0, 0] + predictor["bias"]  # [B, H, W, 4]
         np.testing.assert_allclose(deltas[..., 0, :], want, rtol=1e-4, atol=1e-6)
