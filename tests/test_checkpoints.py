@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -52,6 +54,30 @@ def test_config_json_round_trip_and_unknown_fields(tmp_path):
     )
     with pytest.raises(ValueError, match=r"'model\.widht' is not a field"):
         checkpoints.config_from_dict({"model": {"widht": 3}}, source="x.json")
+
+
+def test_stored_config_loads_outside_the_repository(tmp_path):
+    # A workdir's config is read over configs/default.py, which the install provides: a
+    # script or `python -m jax_rpn.predict --model ...` run from another folder (no
+    # repository root on sys.path) reads the same config.
+    folder = checkpoints.save_variables(
+        str(tmp_path / "conv"), _variables(), config=tiny.get_config()
+    )
+    script = (
+        "import sys; from jax_rpn import checkpoints; "
+        "_, config, _ = checkpoints.load_variables(sys.argv[1]); print(config.data.pad_to)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, folder],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(64, 64)"
 
 
 def test_load_variables_names_what_it_looked_for(tmp_path):
