@@ -8,9 +8,22 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
+
+# One persistent compilation cache per test process, set before anything compiles: many tests
+# build the same small programs (the tiny config's init, train step, proposals) from new
+# function objects, which jit's in-memory cache cannot share but this cache (keyed by the
+# program and its compile options) does. A fresh clone starts with an empty one.
+_CACHE = tempfile.mkdtemp(prefix="jax_rpn_test_cache_")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
 
 import contextlib  # noqa: E402
 
