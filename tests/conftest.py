@@ -1,16 +1,15 @@
 """Test session setup: 4 fake CPU devices for the multi-device tests, fast compiles."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before JAX is imported anywhere.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-import atexit  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 
