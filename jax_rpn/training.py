@@ -71,6 +71,24 @@ def create_train_state(config, model, tx, key, *, load_init: bool = True) -> Tra
     )
 
 
+def _summary_writer(logdir: str):
+    """tensorboardX's ``SummaryWriter`` for ``logdir``, imported without torch.
+
+    tensorboardX imports torch whenever it is installed (3 s of every run's start-up) only to
+    accept torch tensors, and the trainer writes numpy values; a torch already imported is
+    left as it is.
+    """
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
+    return SummaryWriter(logdir)
+
+
 def _image_keys(key, step, batch_size):
     """One key per image from its global index in the batch, so sampling does not depend on
     how the batch is split over devices."""
@@ -376,8 +394,6 @@ class Trainer:
         :func:`jax_rpn.workdir.prepare`) are announced. A finished run prints its stored final
         recall and returns it without evaluating again.
         """
-        from tensorboardX import SummaryWriter
-
         config = self.config
         if restart and self.lead:
             removed = workdir_lib.clear(self.workdir)
@@ -423,7 +439,7 @@ class Trainer:
             writer = None
             if self.lead:
                 writer = stack.enter_context(
-                    SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+                    _summary_writer(os.path.join(self.workdir, "tensorboard"))
                 )
             bar = stack.enter_context(
                 tqdm(

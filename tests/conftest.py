@@ -29,6 +29,15 @@ import contextlib  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """Modules marked ``slow`` (end-to-end runs of 20 s and more) first, each kept together.
+    pytest-xdist's ``worksteal`` (pyproject.toml) gives each worker a contiguous half of the
+    list and lets an idle one take the tail of the other's: both then end on short tests, and
+    the tests of a module, which compile the same programs, share their worker's compilation
+    cache."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @contextlib.contextmanager
 def _without_xla_optimizations():
     before = jax.config.read("jax_disable_most_optimizations")
@@ -53,3 +62,14 @@ def fast_compile_module():
     """:func:`fast_compile` for a whole module."""
     with _without_xla_optimizations():
         yield
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> str:
+    """A tfds data_dir holding rpn_shapes/small (96x128 images, 32 train / 12 validation),
+    prepared once per test process; tests only read it."""
+    from jax_rpn.data import shapes
+
+    path = str(tmp_path_factory.mktemp("tfds"))
+    shapes.ensure_prepared("rpn_shapes/small", data_dir=path)
+    return path

@@ -14,6 +14,8 @@ from jax_rpn.data import buckets, pipeline
 from jax_rpn.models import build_rpn
 from jax_rpn.optim import create_optimizer
 
+pytestmark = pytest.mark.slow  # end-to-end runs: first in the queue (tests/conftest.py)
+
 
 def test_padded_shapes_and_assignment_by_hand():
     shapes = buckets.padded_shapes((800, 1344), aspect_buckets=True)

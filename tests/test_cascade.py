@@ -128,23 +128,25 @@ def test_adaptive_conv_at_regular_points_is_a_dilated_conv(dilation):
 
     np.testing.assert_allclose(jax.jit(ours)(x, kernel), conv(x, kernel), rtol=1e-5, atol=1e-5)
     d_out = rng.normal(size=(2, 7, 9, 5))
-    g_ours = jax.grad(lambda x, k: jnp.sum(ours(x, k) * d_out), argnums=(0, 1))(x, kernel)
-    g_conv = jax.grad(lambda x, k: jnp.sum(conv(x, k) * d_out), argnums=(0, 1))(x, kernel)
-    chex.assert_trees_all_close(g_ours, g_conv, rtol=1e-4, atol=1e-4)
+
+    def grads(f):
+        return jax.jit(jax.grad(lambda x, k: jnp.sum(f(x, k) * d_out), argnums=(0, 1)))(x, kernel)
+
+    chex.assert_trees_all_close(grads(ours), grads(conv), rtol=1e-4, atol=1e-4)
 
     # Several maps in one pass (a second, smaller level), and the module: the same kernel
     # through its sampled path and its plain path (whose bias is initialised to 0).
     small = x[:, :3, :4]
     small_points = np.broadcast_to(regular_points((3, 4), dilation=dilation), (2, 3, 4, 9, 2))
-    both = multilevel_adaptive_conv([x, small], [points, small_points], kernel)
+    both = jax.jit(multilevel_adaptive_conv)([x, small], [points, small_points], kernel)
     np.testing.assert_allclose(both[0], conv(x, kernel), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(both[1], conv(small, kernel), rtol=1e-5, atol=1e-5)
     module = AdaptiveConv(5, dilation=dilation)
-    plain = module.init(jax.random.key(0), [jnp.asarray(x)])
+    plain = jax.jit(module.init)(jax.random.key(0), [jnp.asarray(x)])
     sampled = {"params": {"kernel": plain["params"]["conv"]["kernel"]}}
     np.testing.assert_allclose(
-        module.apply(sampled, [x, small], [points, small_points])[1],
-        module.apply(plain, [x, small])[1],
+        jax.jit(module.apply)(sampled, [x, small], [points, small_points])[1],
+        jax.jit(module.apply)(plain, [x, small])[1],
         rtol=1e-5,
         atol=1e-6,
     )
@@ -172,13 +174,13 @@ def test_adaptive_conv_with_taps_per_anchor_is_one_conv_per_anchor():
         return outs, sum(jnp.sum(o * d) for o, d in zip(outs, d_outs, strict=True))
 
     got, _ = jax.jit(per_anchor)(xs, kernel)
-    want, _ = one_by_one(xs, kernel)
+    want, _ = jax.jit(one_by_one)(xs, kernel)
     assert [g.shape for g in got] == [(2, 5, 6, 3, 4), (2, 3, 3, 3, 4)]
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
     grad = jax.grad(lambda xs, k, f: f(xs, k)[1], argnums=(0, 1))
     chex.assert_trees_all_close(
         jax.jit(grad, static_argnums=2)(xs, kernel, per_anchor),
-        grad(xs, kernel, one_by_one),
+        jax.jit(grad, static_argnums=2)(xs, kernel, one_by_one),
         rtol=1e-4,
         atol=1e-4,
     )
@@ -214,12 +216,12 @@ def test_adaptive_conv_finite_for_degenerate_points():
     points[0, 0, 0] = [np.nan, 1.0]
     points[0, 1, 1] = [np.inf, -np.inf]
     points[2, 2] = 1e9
-    out, grads = jax.value_and_grad(
-        lambda x, k: jnp.sum(adaptive_conv(x, points, k)), argnums=(0, 1)
+    out, grads = jax.jit(
+        jax.value_and_grad(lambda x, k: jnp.sum(adaptive_conv(x, points, k)), argnums=(0, 1))
     )(x, kernel)
     assert np.isfinite(out) and all(np.all(np.isfinite(g)) for g in grads)
     # Cell (2, 2) reads nothing; cell (0, 0) lost its first tap (2 channels x 3 outputs).
-    np.testing.assert_allclose(adaptive_conv(x, points, kernel)[2, 2], 0.0)
+    np.testing.assert_allclose(jax.jit(adaptive_conv)(x, points, kernel)[2, 2], 0.0)
 
 
 def test_adaptive_conv_rejects_bad_shapes():
@@ -309,9 +311,11 @@ def test_region_assign_levels_overrides_and_adjacent_ignores():
         ]
     )
     valid = jnp.array([True, True, True, False])
-    matched, labels = region_assign.region_assign(
-        anchors, gt, valid, strides=strides, feature_hws=hws, anchor_sizes=(16.0, 32.0, 64.0)
-    )
+    matched, labels = jax.jit(
+        lambda gt, valid: region_assign.region_assign(
+            anchors, gt, valid, strides=strides, feature_hws=hws, anchor_sizes=(16.0, 32.0, 64.0)
+        )
+    )(gt, valid)
     np.testing.assert_array_equal(
         region_assign.target_levels(gt[:2], anchor_sizes=(16.0, 32.0, 64.0)), [1, 0]
     )
@@ -447,17 +451,19 @@ def test_stage2_low_quality_positive_needs_min_iou():
     anchors = [np.array([[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10]], np.float32)]
     refined = anchors[0]
     gt = np.array([[0, 0, 10, 20], [20, 0, 30, 40]], np.float32)  # best IoUs 0.5 and 0.25
-    t = cascade_targets(
-        jax.random.key(0),
-        anchors,
-        refined,
-        gt,
-        np.array([True, True]),
-        strides=(8,),
-        feature_hws=((1, 3),),
-        anchor_sizes=(16.0,),
-        num_samples=8,
-    )
+    t = jax.jit(
+        lambda key: cascade_targets(
+            key,
+            anchors,
+            refined,
+            gt,
+            np.array([True, True]),
+            strides=(8,),
+            feature_hws=((1, 3),),
+            anchor_sizes=(16.0,),
+            num_samples=8,
+        )
+    )(jax.random.key(0))
     np.testing.assert_array_equal(t.stage2_labels, [1, 0, 0])
     _, labels = matching.match(refined, gt, [True, True], high=0.7, low=0.7)  # no minimum
     np.testing.assert_array_equal(labels, [1, 1, 0])
@@ -666,7 +672,9 @@ def test_gradients_finite_for_degenerate_refined_anchors():
     image_hw = jnp.array([[64, 64], [48, 64]])
     batch = _random_batch(rng, config, 2)
     head = CascadeHead(conv_dim=8)
-    variables = head.init(jax.random.key(0), features, anchors, strides, image_hw)
+    variables = jax.jit(lambda key: head.init(key, features, anchors, strides, image_hw))(
+        jax.random.key(0)
+    )
 
     @jax.jit
     def loss_and_grads(params, bias):

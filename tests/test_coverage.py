@@ -14,7 +14,6 @@ from PIL import Image
 from configs import tiny
 from jax_rpn import anchors
 from jax_rpn.coverage import analysis, anchor_fit, proposals, report
-from jax_rpn.data import shapes
 from jax_rpn.settings import TargetSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,14 +208,6 @@ def test_suggest_anchors_fits_levels_and_keeps_a():
         )
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A tfds data_dir holding rpn_shapes/small (96x128 images, 12 validation)."""
-    path = str(tmp_path_factory.mktemp("tfds"))
-    shapes.ensure_prepared("rpn_shapes/small", data_dir=path)
-    return path
-
-
 def _tiny_config(data_dir):
     c = tiny.get_config()  # 64x64 padded images: rpn_shapes/small is resized to 48x64
     c.data.name = "rpn_shapes/small"
@@ -230,8 +221,8 @@ def _check_png(path):
     assert img.shape[0] >= 200 and img.shape[1] >= 200 and img[..., :3].std() > 0.01
 
 
-def test_run_on_shapes_writes_report_and_pictures(data_dir, tmp_path):
-    config = _tiny_config(data_dir)
+def test_run_on_shapes_writes_report_and_pictures(shapes_dir, tmp_path):
+    config = _tiny_config(shapes_dir)
     out = str(tmp_path / "out")
     result = report.run(config, out_dir=out, max_images=5, progress=False)
     gt = analysis.load_ground_truth(config, max_images=5, progress=False)
@@ -260,7 +251,7 @@ def test_run_on_shapes_writes_report_and_pictures(data_dir, tmp_path):
     assert "config.anchors.sizes = " in text
 
 
-def test_cli_prints_json(data_dir, tmp_path):
+def test_cli_prints_json(shapes_dir, tmp_path):
     out = str(tmp_path / "cli")
     cmd = [
         sys.executable,
@@ -269,7 +260,7 @@ def test_cli_prints_json(data_dir, tmp_path):
         "--config",
         os.path.join(REPO, "configs", "tiny.py"),
         "--config.data.name=rpn_shapes/small",
-        f"--config.data.data_dir={data_dir}",
+        f"--config.data.data_dir={shapes_dir}",
         "--max_images=3",
         f"--out={out}",
         "--nosuggest",
@@ -354,12 +345,12 @@ def _random_model(config):
     return init_variables(build_rpn(config), jax.random.key(0), (1, h, w, 3))
 
 
-def test_proposal_coverage_counts_boxes_with_a_good_proposal(data_dir, fast_compile):
+def test_proposal_coverage_counts_boxes_with_a_good_proposal(shapes_dir, fast_compile):
     """Checked against the model's proposals from ``predict_proposals`` and a numpy IoU."""
     from jax_rpn import inference
     from jax_rpn.data import pipeline
 
-    config = _tiny_config(data_dir)
+    config = _tiny_config(shapes_dir)
     variables = _random_model(config)
     result = proposals.run_proposals(
         config, variables, model="random", top_k=30, max_images=6, progress=False
@@ -389,10 +380,10 @@ def test_proposal_coverage_counts_boxes_with_a_good_proposal(data_dir, fast_comp
         proposals.run_proposals(config, variables, model="random", top_k=10**6, max_images=1)
 
 
-def test_cli_proposal_coverage_of_a_saved_model(data_dir, tmp_path):
+def test_cli_proposal_coverage_of_a_saved_model(shapes_dir, tmp_path):
     from jax_rpn import checkpoints
 
-    config = _tiny_config(data_dir)
+    config = _tiny_config(shapes_dir)
     model = str(tmp_path / "model")
     checkpoints.save_variables(model, _random_model(config), config=config)
     cmd = [sys.executable, "-m", "jax_rpn.coverage", f"--model={model}", "--max_images=3"]
@@ -400,6 +391,6 @@ def test_cli_proposal_coverage_of_a_saved_model(data_dir, tmp_path):
     env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true")  # compile time
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout)  # the stored config: rpn_shapes/small from data_dir
+    result = json.loads(proc.stdout)  # the stored config: rpn_shapes/small from the data_dir
     assert result["setup"]["num_images"] == 3 and result["setup"]["top_k"] == 20
     assert os.path.exists(os.path.join(model, "coverage", "proposal_report.txt"))

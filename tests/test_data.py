@@ -12,14 +12,6 @@ from jax_rpn.data import augment, pipeline, shapes
 SMALL_HW = (96, 128)  # the rpn_shapes/small image size
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A tfds data_dir holding rpn_shapes/small (32 train, 12 validation images)."""
-    path = str(tmp_path_factory.mktemp("tfds"))
-    shapes.ensure_prepared("rpn_shapes/small", data_dir=path)
-    return path
-
-
 def _config(data_dir, *, batch_size=4, **data):
     """rpn_shapes/small resized by 1/2 (96x128 -> 48x64), padded to 64x64, 6 GT slots."""
     c = get_config()
@@ -123,11 +115,11 @@ def test_boxes_are_tight_around_overlapping_shapes():
         assert not np.any(changed & ~inside_some_box)  # nothing drawn outside the boxes
 
 
-def test_prepared_split_holds_the_rendered_examples(data_dir):
-    info = tfds.builder("rpn_shapes/small", data_dir=data_dir).info
+def test_prepared_split_holds_the_rendered_examples(shapes_dir):
+    info = tfds.builder("rpn_shapes/small", data_dir=shapes_dir).info
     assert info.splits["train"].num_examples == 32
     assert info.splits["validation"].num_examples == 12
-    source = _source(data_dir, "validation")
+    source = _source(shapes_dir, "validation")
     for record in (source[0], source[5]):
         ex = shapes.render_example("validation", int(record["image/id"]), image_hw=SMALL_HW)
         np.testing.assert_allclose(np.stack(record["objects"]["bbox"]), ex["bbox"])
@@ -216,9 +208,9 @@ def _rendered_labels(split, record):
     return shapes.render_example(split, int(record["image/id"]), image_hw=SMALL_HW)["label"]
 
 
-def test_train_batches_shapes_flip_resize_and_padding(data_dir):
-    config = _config(data_dir)
-    source = _source(data_dir, "train")
+def test_train_batches_shapes_flip_resize_and_padding(shapes_dir):
+    config = _config(shapes_dir)
+    source = _source(shapes_dir, "train")
     flips, num_dropped = set(), 0
     for batch in _take(pipeline.create_train_iterator(config), 4):
         assert batch["image"].shape == (4, 64, 64, 3) and batch["image"].dtype == np.float32
@@ -258,17 +250,17 @@ def test_train_batches_shapes_flip_resize_and_padding(data_dir):
     assert num_dropped > 0  # up to 12 shapes in 6 slots: the label check covered dropping
 
 
-def test_no_flip_when_hflip_is_off(data_dir):
-    config = _config(data_dir, hflip=False)
-    source = _source(data_dir, "train")
+def test_no_flip_when_hflip_is_off(shapes_dir):
+    config = _config(shapes_dir, hflip=False)
+    source = _source(shapes_dir, "train")
     batch = next(pipeline.create_train_iterator(config))
     for i in range(4):
         boxes, _, _ = _expected_boxes(source[int(batch["index"][i])], flip=False, max_boxes=6)
         np.testing.assert_allclose(batch["boxes"][i, : len(boxes)], boxes, atol=1e-4)
 
 
-def test_train_order_is_deterministic_for_a_seed(data_dir):
-    config = _config(data_dir)
+def test_train_order_is_deterministic_for_a_seed(shapes_dir):
+    config = _config(shapes_dir)
     a = _take(pipeline.create_train_iterator(config), 2)
     b = _take(pipeline.create_train_iterator(config), 2)
     _assert_batches_equal(a, b)
@@ -280,8 +272,8 @@ def test_train_order_is_deterministic_for_a_seed(data_dir):
     assert sorted(np.concatenate([b["index"] for b in epoch]).tolist()) == list(range(32))
 
 
-def test_hosts_build_slices_of_the_same_global_batch(data_dir):
-    config = _config(data_dir)
+def test_hosts_build_slices_of_the_same_global_batch(shapes_dir):
+    config = _config(shapes_dir)
     whole = _take(pipeline.create_train_iterator(config, process_index=0, process_count=1), 3)
     parts = [
         _take(pipeline.create_train_iterator(config, process_index=p, process_count=2), 3)
@@ -293,8 +285,8 @@ def test_hosts_build_slices_of_the_same_global_batch(data_dir):
     _assert_batches_equal(joined, whole)
 
 
-def test_iterator_state_restores_the_next_batches(data_dir):
-    config = _config(data_dir)
+def test_iterator_state_restores_the_next_batches(shapes_dir):
+    config = _config(shapes_dir)
     it = pipeline.create_train_iterator(config)
     _take(it, 3)
     state = it.get_state()
@@ -304,9 +296,9 @@ def test_iterator_state_restores_the_next_batches(data_dir):
     _assert_batches_equal(_take(restored, 2), want)
 
 
-def test_iterator_state_through_an_orbax_checkpoint(data_dir, tmp_path):
+def test_iterator_state_through_an_orbax_checkpoint(shapes_dir, tmp_path):
     ocp = pytest.importorskip("orbax.checkpoint")
-    config = _config(data_dir)
+    config = _config(shapes_dir)
     it = pipeline.create_train_iterator(config)
     _take(it, 2)
     manager = ocp.CheckpointManager(tmp_path / "ckpt")
@@ -320,8 +312,8 @@ def test_iterator_state_through_an_orbax_checkpoint(data_dir, tmp_path):
     _assert_batches_equal(_take(restored, 2), want)
 
 
-def test_eval_pass_pads_the_last_batch(data_dir):
-    config = _config(data_dir)  # 10 eval images, batch 4 -> 3 batches, 2 blank rows
+def test_eval_pass_pads_the_last_batch(shapes_dir):
+    config = _config(shapes_dir)  # 10 eval images, batch 4 -> 3 batches, 2 blank rows
     info = pipeline.dataset_info(config)
     assert (info.num_eval_examples, info.num_eval_batches) == (10, 3)
     assert info.class_names == shapes.CLASS_NAMES and info.num_train_examples == 32
@@ -333,7 +325,7 @@ def test_eval_pass_pads_the_last_batch(data_dir):
     np.testing.assert_array_equal(last["example_valid"], [True, True, False, False])
     assert not last["valid"][2:].any() and not last["image"][2:].any()
     assert not last["labels"][2:].any() and last["labels"].dtype == np.int32
-    source = _source(data_dir, "validation")
+    source = _source(shapes_dir, "validation")
     # Validation image 4, looked at by eye (rendered, drawn with its boxes): a filled triangle
     # (bottom left), a thin ring (top right) and an outlined triangle (bottom middle), in this
     # order; 3 boxes fit in 6 slots.
@@ -365,15 +357,15 @@ def test_eval_pass_pads_the_last_batch(data_dir):
         ("max_boxes", 0, "config.data.max_boxes"),
     ],
 )
-def test_invalid_settings_name_the_field(data_dir, field, value, message):
-    config = _config(data_dir, **{field: value})
+def test_invalid_settings_name_the_field(shapes_dir, field, value, message):
+    config = _config(shapes_dir, **{field: value})
     with pytest.raises(ValueError, match=message):
         pipeline.create_train_iterator(config)
 
 
-def test_batch_must_divide_over_processes(data_dir):
+def test_batch_must_divide_over_processes(shapes_dir):
     with pytest.raises(ValueError, match="config.batch_size"):
-        pipeline.create_train_iterator(_config(data_dir), process_index=0, process_count=3)
+        pipeline.create_train_iterator(_config(shapes_dir), process_index=0, process_count=3)
 
 
 # --- VOC and COCO ---------------------------------------------------------------------------

@@ -9,6 +9,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # end-to-end runs: first in the queue (tests/conftest.py)
 
 NUM_STEPS = 3
 

@@ -13,6 +13,8 @@ from PIL import Image
 from jax_rpn import proposal_files
 from jax_rpn.data import shapes
 
+pytestmark = pytest.mark.slow  # end-to-end runs: first in the queue (tests/conftest.py)
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -21,13 +23,6 @@ def _load(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tfds"))
-    shapes.ensure_prepared("rpn_shapes/small", data_dir=path)
-    return path
 
 
 def _recording(example, monkeypatch):
@@ -50,11 +45,11 @@ def _unchanged(before, after) -> list[str]:
     return [jax.tree_util.keystr(p) for p, v in jax.tree.leaves_with_path(same) if v]
 
 
-def test_two_stage_detector_trains(data_dir, monkeypatch, fast_compile):
+def test_two_stage_detector_trains(shapes_dir, monkeypatch, fast_compile):
     example = _load("two_stage_detector")
     batches = _recording(example, monkeypatch)
     result = example.main(
-        ["--steps", "3", "--batch-size", "2", "--image-size", "64", "--data-dir", data_dir]
+        ["--steps", "3", "--batch-size", "2", "--image-size", "64", "--data-dir", shapes_dir]
     )
     history = result["history"]
     assert len(history) == 3 and len(batches) == 3
@@ -72,14 +67,14 @@ def test_two_stage_detector_trains(data_dir, monkeypatch, fast_compile):
 
 
 def test_two_stage_detector_trains_on_a_proposal_file(
-    data_dir, tmp_path, monkeypatch, fast_compile
+    shapes_dir, tmp_path, monkeypatch, fast_compile
 ):
     example = _load("two_stage_detector")
-    common = ["--data-name", "rpn_shapes/small", "--data-dir", data_dir, "--image-size", "64"]
+    common = ["--data-name", "rpn_shapes/small", "--data-dir", shapes_dir, "--image-size", "64"]
     example.main(["--write-images", str(tmp_path / "split")] + common)
 
     # The written files are the training split: record 5's JPEG and boxes (pipeline decode).
-    source = shapes.ensure_prepared("rpn_shapes/small", data_dir=data_dir).as_data_source("train")
+    source = shapes.ensure_prepared("rpn_shapes/small", data_dir=shapes_dir).as_data_source("train")
     image, gt, _, _ = example.pipeline.decode_example(source[5], family="rpn_shapes")
     written = np.asarray(Image.open(tmp_path / "split" / "images" / "000005.jpg"))
     np.testing.assert_array_equal(written, image)

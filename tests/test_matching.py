@@ -254,7 +254,7 @@ def test_chunked_equals_direct(seed, monkeypatch):
     monkeypatch.setattr(matching, "_CHUNK_ELEMENTS", 64 * 16)
     monkeypatch.setattr(matching, "_MIN_CHUNK", 8)
     assert matching.auto_anchor_chunk(len(anchors), len(gt)) == 16
-    auto = matching.match(anchors, gt, valid)
+    auto = jax.jit(matching.match)(anchors, gt, valid)
     np.testing.assert_array_equal(auto[1], direct[1])
     np.testing.assert_array_equal(auto[0], direct[0])
 

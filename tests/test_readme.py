@@ -7,6 +7,10 @@ A block whose first line is ``# excerpt`` shows part of a file that other tests 
 import re
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # end-to-end runs: first in the queue (tests/conftest.py)
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

@@ -237,16 +237,16 @@ def test_jit_vmap_and_summed_updates_agree():
         per_image.append(
             (props, scores, np.ones(60, bool), gt, np.arange(6) < 5, np.zeros(6, bool))
         )
-    eager = [recall.recall_stats(*x) for x in per_image]
+    single = [jax.jit(recall.recall_stats)(*x) for x in per_image]
     batch = [np.stack(x) for x in zip(*per_image, strict=True)]
     batched = jax.jit(jax.vmap(recall.recall_stats))(*batch)
-    for i, s in enumerate(eager):
+    for i, s in enumerate(single):
         for a, b in zip(s, batched, strict=True):
             np.testing.assert_array_equal(a, b[i])
 
     counts = dict(counts=(1, 10, 60))
     acc_images, acc_batch, acc_sum = (recall.RecallAccumulator(**counts) for _ in range(3))
-    for s in eager:
+    for s in single:
         acc_images.update(s)
     acc_batch.update(batched)
     acc_sum.update(jax.tree.map(lambda x: jnp.sum(x, 0), batched))  # summed on device
@@ -273,7 +273,9 @@ def test_inside_shard_map():
     replicated = jax.sharding.PartitionSpec()
     sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=spec, out_specs=replicated))
     got = sharded(*batch)
-    want = jax.tree.map(lambda x: jnp.sum(x, 0), jax.vmap(recall.recall_stats)(*batch))
+    want = jax.jit(
+        lambda *a: jax.tree.map(lambda x: jnp.sum(x, 0), jax.vmap(recall.recall_stats)(*a))
+    )(*batch)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -1,6 +1,7 @@
 """Config -> settings at one boundary: locked configs, and settings that reach the ops."""
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -19,13 +20,15 @@ def test_configs_are_locked_against_typos():
     config.targets.border = 0.0  # a declared field can be changed
 
 
-def test_model_anchors_are_the_settings_anchors():
+def test_model_anchors_are_the_settings_anchors(fast_compile):
     """The model and the coverage tool take anchors from the same settings: equal arrays."""
     config = tiny.get_config()
     config.anchors.sizes = ((8, 10), (16, 20), (32, 40), (64, 80), (128, 160))
     model = build_rpn(config)
     variables = init_variables(model, jax.random.key(0), (1, 64, 64, 3))
-    outputs = model.apply(variables, np.zeros((1, 64, 64, 3), np.float32), train=False)
+    outputs = jax.jit(functools.partial(model.apply, train=False))(
+        variables, np.zeros((1, 64, 64, 3), np.float32)
+    )
     expected = AnchorSettings.from_config(config).for_image((64, 64))
     assert len(outputs.anchors) == len(expected) == 5
     for got, want in zip(outputs.anchors, expected, strict=True):
