@@ -1,4 +1,5 @@
-"""Test session setup: 4 fake CPU devices for the multi-device tests, fast compiles."""
+"""Test session setup: 4 fake CPU devices for the multi-device tests, fast compiles, one
+compilation cache and one prepared rpn_shapes/small per test process, slow modules first."""
 
 import atexit
 import os
