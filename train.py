@@ -109,4 +109,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from jax_rpn import host_memory
+
+    host_memory.reexec_with_huge_pages()  # fewer page faults per step (see its docstring)
     app.run(main)

@@ -249,6 +249,26 @@ def machine() -> str:
     )
 
 
+def add_malloc_flag(parser) -> None:
+    """``--glibc-malloc``: keep glibc's malloc as it is instead of running again with huge
+    pages (:func:`jax_rpn.host_memory.reexec_with_huge_pages`, as ``train.py`` runs; both
+    sides of a comparison share the process and so the setting)."""
+    parser.add_argument(
+        "--glibc-malloc",
+        action="store_true",
+        help="leave glibc's malloc settings as they are (train.py asks for huge pages)",
+    )
+
+
+def set_malloc(args) -> str:
+    """Apply ``--glibc-malloc``'s choice, first thing in ``main``; a line for the results."""
+    from jax_rpn import host_memory
+
+    if not args.glibc_malloc:
+        host_memory.reexec_with_huge_pages()
+    return f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
+
+
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages, e.g. ``"load 0.52 / 1.40 / 0.80"``: how busy the
     (possibly shared) machine was; quote it next to each figure."""

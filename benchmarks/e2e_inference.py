@@ -166,12 +166,14 @@ def main():
         default=os.cpu_count(),
         help="PyTorch intra-op threads (default: one per core)",
     )
+    common.add_malloc_flag(parser)
     args = parser.parse_args()
+    malloc = common.set_malloc(args)
     if args.quick:
         args.configs, args.repeats, args.no_compile = ["default"], 3, True
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     torch.set_num_threads(args.torch_threads)
-    print(f"machine: {common.machine()}")
+    print(f"machine: {common.machine()}; {malloc}")
     print(tvr.versions())
     results = []
     for name in args.configs:

@@ -577,7 +577,9 @@ def main():
         default=os.cpu_count(),
         help="PyTorch intra-op threads (default: one per core)",
     )
+    common.add_malloc_flag(parser)
     args = parser.parse_args()
+    malloc = common.set_malloc(args)
     from jax_rpn import parallel
 
     if args.quick:
@@ -595,7 +597,7 @@ def main():
     cache = tempfile.TemporaryDirectory(prefix="jax_rpn_e2e_cache_")
     common.set_compilation_cache(cache.name)
 
-    print(f"machine: {common.machine()}")
+    print(f"machine: {common.machine()}; {malloc}")
     print(f"{tvr.versions()}")
     results = []
     for name in args.configs:

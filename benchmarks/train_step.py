@@ -253,14 +253,16 @@ def main():
     )
     parser.add_argument("--compile-only", metavar="CONFIG", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    common.add_malloc_flag(parser)
     args = parser.parse_args()
+    malloc = common.set_malloc(args)
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.compile_only:
         print(json.dumps(compile_only(args.compile_only, args.cache_dir, tuple(args.set))))
         return
     if args.quick:
         args.configs, args.repeats = ["default"], 4
-    print(f"machine: {common.machine()}")
+    print(f"machine: {common.machine()}; {malloc}")
     if args.set:
         print(f"config changes: {', '.join(args.set)}")
     results = []

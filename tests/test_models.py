@@ -246,6 +246,37 @@ def test_1x1_conv_is_a_matmul_with_the_convolution_numbers(stride, hw):
     assert "conv_general_dilated" in str(jax.make_jaxpr(conv3.apply)(conv3.init(KEY, x), x))
 
 
+@pytest.mark.parametrize(
+    "window, strides, padding, hw",
+    [
+        ((3, 3), (2, 2), ((1, 1), (1, 1)), (9, 8)),  # ResNet's stem, odd and even sizes
+        ((3, 3), (2, 2), ((1, 1), (1, 1)), (8, 8)),
+        ((2, 2), (2, 2), ((0, 0), (0, 0)), (8, 6)),  # VGG-16
+    ],
+)
+def test_max_pool_gradient_goes_to_the_first_maximum(window, strides, padding, hw):
+    # References: JAX's own gradient of nn.max_pool (XLA's select_and_scatter) and PyTorch's
+    # max_pool2d backward, both routing to the first maximum of a window in row-major order.
+    # Small integers after a ReLU make ties everywhere (zeros and repeated values), and
+    # integer output gradients keep every sum exact, so the three must agree bit for bit.
+    import torch
+
+    from jax_rpn.models.pooling import max_pool
+
+    x = jnp.asarray(np.maximum(RNG.integers(-2, 3, size=(2, *hw, 3)), 0), jnp.float32)
+    y = jit(max_pool, static_argnums=(1, 2, 3))(x, window, strides, padding)
+    np.testing.assert_array_equal(y, nn.max_pool(x, window, strides=strides, padding=padding))
+    g = jnp.asarray(RNG.integers(-4, 5, size=y.shape), jnp.float32)
+    ours = jit(lambda x: jax.vjp(lambda x: max_pool(x, window, strides, padding), x)[1](g)[0])
+    jax_own = jax.vjp(lambda x: nn.max_pool(x, window, strides=strides, padding=padding), x)
+    np.testing.assert_array_equal(ours(x), jax_own[1](g)[0])
+
+    xt = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2), requires_grad=True)
+    yt = torch.nn.functional.max_pool2d(xt, window, strides, [p[0] for p in padding])
+    yt.backward(torch.tensor(np.asarray(g).transpose(0, 3, 1, 2)))
+    np.testing.assert_array_equal(ours(x), xt.grad.numpy().transpose(0, 2, 3, 1))
+
+
 def test_frozen_parameters_follow_detectron2_freeze_at():
     resnet = frozen_parameters("resnet50", 2)
     assert resnet(("body", "conv1", "kernel")) and resnet(("body", "layer1_2", "conv3", "kernel"))

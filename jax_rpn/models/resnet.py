@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_rpn.models.norm import check_norm, make_norm
+from jax_rpn.models.pooling import max_pool
 
 LEVELS = ("C2", "C3", "C4", "C5")
 STAGES = {
@@ -202,7 +203,7 @@ class ResNet(nn.Module):
             dtype=self.dtype,
             name="norm1",
         )(x)
-        x = nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(nn.relu(x), (3, 3), (2, 2), ((1, 1), (1, 1)))
         outputs = {}
         last = LEVELS.index(self.out_features[-1])
         for stage in range(last + 1):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_rpn.models.norm import check_norm, make_norm
+from jax_rpn.models.pooling import max_pool
 from jax_rpn.models.resnet import conv
 
 # (number of convolutions, channels as a multiple of width) for conv1..conv5.
@@ -61,7 +62,7 @@ class VGG16(nn.Module):
         x = x.astype(self.dtype)
         for i, (num_convs, mult) in enumerate(BLOCKS, start=1):
             if i > 1:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool(x, (2, 2), (2, 2), ((0, 0), (0, 0)))
             for j in range(1, num_convs + 1):
                 channels = mult * self.width
                 x = conv(channels, 3, use_bias=True, dtype=self.dtype, name=f"conv{i}_{j}")(x)
