@@ -261,11 +261,17 @@ def add_malloc_flag(parser) -> None:
 
 
 def set_malloc(args) -> str:
-    """Apply ``--glibc-malloc``'s choice, first thing in ``main``; a line for the results."""
+    """Apply ``--glibc-malloc``'s choice, first thing in ``main``; a line for the results.
+    With ``--glibc-malloc`` the script's subprocesses (compile, memory) keep glibc's default
+    too: they inherit ``glibc.malloc.hugetlb=0``."""
     from jax_rpn import host_memory
 
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
     if not args.glibc_malloc:
         host_memory.reexec_with_huge_pages()
+    elif "glibc.malloc.hugetlb" not in tunables:
+        os.environ["GLIBC_TUNABLES"] = f"{tunables}:glibc.malloc.hugetlb=0".lstrip(":")
+        return f"GLIBC_TUNABLES={tunables!r}"
     return f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
 
 

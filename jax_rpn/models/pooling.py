@@ -2,7 +2,8 @@
 
 The forward pass is ``flax.linen.max_pool``. The gradient is the same as JAX's own: each
 output's gradient goes to the first maximum of its window, in row-major order. PyTorch's
-``max_pool2d`` does the same. JAX's gradient is a ``select_and_scatter``, which XLA's CPU
+``max_pool2d`` does the same. (Where windows overlap, an input's sum over the outputs it won
+may round differently.) JAX's gradient is a ``select_and_scatter``, which XLA's CPU
 backend expands into an iota per dimension, a variadic reduce-window that finds each
 window's argmax, and a scatter. That was 8% of the default train step (ResNet's stem pool,
 ``benchmarks/README.md``). Here the backward pass reads the window's taps in order as
