@@ -269,9 +269,8 @@ def set_malloc(args) -> str:
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if not args.glibc_malloc:
         host_memory.reexec_with_huge_pages()
-    elif "glibc.malloc.hugetlb" not in tunables:
+    elif "glibc.malloc.hugetlb" not in tunables:  # 0 is glibc's default, as this process runs
         os.environ["GLIBC_TUNABLES"] = f"{tunables}:glibc.malloc.hugetlb=0".lstrip(":")
-        return f"GLIBC_TUNABLES={tunables!r}"
     return f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
 
 

@@ -267,14 +267,15 @@ def test_max_pool_gradient_goes_to_the_first_maximum(window, strides, padding, h
     y = jit(max_pool, static_argnums=(1, 2, 3))(x, window, strides, padding)
     np.testing.assert_array_equal(y, nn.max_pool(x, window, strides=strides, padding=padding))
     g = jnp.asarray(RNG.integers(-4, 5, size=y.shape), jnp.float32)
-    ours = jit(lambda x: jax.vjp(lambda x: max_pool(x, window, strides, padding), x)[1](g)[0])
+    vjp = jit(lambda x: jax.vjp(lambda x: max_pool(x, window, strides, padding), x)[1](g)[0])
+    ours = vjp(x)
     jax_own = jax.vjp(lambda x: nn.max_pool(x, window, strides=strides, padding=padding), x)
-    np.testing.assert_array_equal(ours(x), jax_own[1](g)[0])
+    np.testing.assert_array_equal(ours, jax_own[1](g)[0])
 
     xt = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2), requires_grad=True)
     yt = torch.nn.functional.max_pool2d(xt, window, strides, [p[0] for p in padding])
     yt.backward(torch.tensor(np.asarray(g).transpose(0, 3, 1, 2)))
-    np.testing.assert_array_equal(ours(x), xt.grad.numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(ours, xt.grad.numpy().transpose(0, 2, 3, 1))
 
 
 def test_frozen_parameters_follow_detectron2_freeze_at():

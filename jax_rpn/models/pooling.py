@@ -29,7 +29,7 @@ def max_pool(x: jax.Array, window: tuple, strides: tuple, padding: tuple) -> jax
 
 
 def _max_pool_fwd(x, window, strides, padding):
-    y = nn.max_pool(x, window, strides=strides, padding=padding)
+    y = max_pool(x, window, strides, padding)
     return y, (x, y)
 
 
