@@ -266,11 +266,10 @@ def set_malloc(args) -> str:
     too: they inherit ``glibc.malloc.hugetlb=0``."""
     from jax_rpn import host_memory
 
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if not args.glibc_malloc:
+    if args.glibc_malloc:
+        host_memory.keep_default_pages()
+    else:
         host_memory.reexec_with_huge_pages()
-    elif "glibc.malloc.hugetlb" not in tunables:  # 0 is glibc's default, as this process runs
-        os.environ["GLIBC_TUNABLES"] = f"{tunables}:glibc.malloc.hugetlb=0".lstrip(":")
     return f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
 
 

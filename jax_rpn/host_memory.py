@@ -41,10 +41,25 @@ def reexec_with_huge_pages() -> None:
     set to :data:`TUNABLE`, added to what it holds. Does nothing where huge pages are not
     available or ``GLIBC_TUNABLES`` already names the tunable (set it to
     ``glibc.malloc.hugetlb=0`` to opt out). Call it first thing, before any work."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in tunables or not huge_pages_available():
+    if not huge_pages_available() or not _set_tunable(TUNABLE):
         return
-    os.environ["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}" if tunables else TUNABLE
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def keep_default_pages() -> None:
+    """Add ``glibc.malloc.hugetlb=0`` (glibc's default) to ``GLIBC_TUNABLES`` unless it names
+    the tunable already, so that :func:`reexec_with_huge_pages` does nothing, in this process
+    and in the processes it starts."""
+    _set_tunable("glibc.malloc.hugetlb=0")
+
+
+def _set_tunable(setting: str) -> bool:
+    """Append ``setting`` (``glibc.malloc.hugetlb=N``) to ``GLIBC_TUNABLES``; False, and nothing
+    changed, if it names that tunable already."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in tunables:
+        return False
+    os.environ["GLIBC_TUNABLES"] = f"{tunables}:{setting}" if tunables else setting
+    return True

@@ -64,3 +64,17 @@ def test_an_existing_hugetlb_setting_is_kept():
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout == "start\nend\n"  # run again, it would print "start" twice
+
+
+def test_keep_default_pages_adds_the_off_setting_once(monkeypatch):
+    # The benchmarks' --glibc-malloc: glibc's default (hugetlb=0) for this process and its
+    # children, appended to the user's other tunables; a user's own hugetlb setting is kept.
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=1")
+    host_memory.keep_default_pages()
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=1:glibc.malloc.hugetlb=0"
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    host_memory.keep_default_pages()
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    host_memory.keep_default_pages()
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
