@@ -3,11 +3,14 @@ input vs the real ``rpn_shapes`` pipeline, run as ``train.py`` runs it.
 
     python benchmarks/input_pipeline.py           # 3 rounds of 20 steps per variant
     python benchmarks/input_pipeline.py --quick   # 2 rounds of 8 steps
+    python benchmarks/input_pipeline.py --config cascade --set 'data.data_dir="/data/tfds"'
 
-``configs/default.py`` through ``jax_rpn.training.Trainer`` (its ``p_train_step``, state,
-mesh and ``pipeline.create_train_iterator``: grain, decode + augment + pad in 2 threads,
+``configs/default.py`` (or ``--config NAME``: ``configs/NAME.py``) through
+``jax_rpn.training.Trainer`` (its ``p_train_step``, state, mesh and
+``pipeline.create_train_iterator``: grain, decode + augment + pad in 2 threads,
 ``data.num_workers`` worker processes), on one JAX CPU device per core as ``train.py``
-splits the CPU. The loop is ``Trainer.train``'s: shard the host batch, step, read the
+splits the CPU, with huge pages as ``train.py`` asks for them (``--glibc-malloc``: without).
+The loop is ``Trainer.train``'s: shard the host batch, step, read the
 previous step's metrics. Variants, taking turns round after round:
 
 - ``device``: one batch placed on the devices once and reused (no input cost at all);
@@ -69,15 +72,19 @@ def main():
         help="override a config field, e.g. --set data.num_workers=1",
     )
     parser.add_argument("--cpu-devices", type=int, default=None, help="default: as train.py")
+    configs = sorted(p.stem for p in Path(__file__).parents[1].joinpath("configs").glob("[!_]*.py"))
+    parser.add_argument("--config", default="default", choices=configs, help="configs/<name>.py")
+    common.add_malloc_flag(parser)
     args = parser.parse_args()
+    malloc = common.set_malloc(args)
     if args.quick:
         args.rounds, args.steps = 2, 8
     from jax_rpn import parallel, training
 
-    config = common.load_config("configs.default", settings=tuple(args.set))
+    config = common.load_config(f"configs.{args.config}", settings=tuple(args.set))
     devices = args.cpu_devices or parallel.cpu_devices_for(config.batch_size)
     jax.config.update("jax_num_cpu_devices", devices)
-    print(f"machine: {common.machine()}")
+    print(f"machine: {common.machine()}; {malloc}")
     with tempfile.TemporaryDirectory(prefix="jax_rpn_input_") as workdir:
         trainer = training.Trainer(config, workdir)
         it = trainer.train_iter
@@ -114,7 +121,7 @@ def main():
     ]
     rows.append(["pipeline alone (no step)", pipeline_alone * 1e3, b / pipeline_alone, "-", "-"])
     print(
-        f"\nconfigs/default.py (batch {b}, {config.data.pad_to[0]}x{config.data.pad_to[1]}, "
+        f"\nconfigs/{args.config}.py (batch {b}, {config.data.pad_to[0]}x{config.data.pad_to[1]}, "
         f"data.num_workers={config.data.num_workers}, {len(jax.devices())} devices, "
         f"{os.cpu_count()} cores): median over {args.rounds} rounds of {args.steps} steps; "
         f"{load_before} before, {load_after} after\n"

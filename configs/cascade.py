@@ -6,8 +6,9 @@ the default's scale. What differs from the default:
 - one square anchor per cell, the default's smallest size per level (16..256 px: 4 x stride,
   mmdetection's ``scales=[8]`` halved for these small images);
 - both stages' 3x3 convolutions 32 channels wide (64, the FPN's width, made the train step
-  1.57x the default's against 1.28x for 32 in one measurement; 1.06-1.24x for 32 in later
-  ones, see the README);
+  1.57x the default's against 1.28x for 32 in one measurement; 1.03-1.81x for 32 in later
+  ones, by machine and by how the steps are timed: benchmarks/README.md; at the plain run's
+  wall time 48 and 64 channels were no better, the README's Cascade RPN section);
 - stage 2 matched at IoU 0.5 / 0.5 instead of mmdetection's 0.7 / 0.7: 78 instead of 33
   positives per image, so more refined anchors learn to regress (1350 steps: AR@100 0.712 ->
   0.722, recall@0.7@100 0.845 -> 0.866, recall@0.7@1000 0.884 -> 0.891; the README's
