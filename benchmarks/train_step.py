@@ -8,7 +8,10 @@ train step is built exactly as the trainer builds it (``build_rpn``, ``create_op
 of the pipeline's structure.
 
 - steps/s, images/s: median over timed steps after warm-up (state threaded through); the
-  full step and the two variants below are timed in turn, round after round.
+  full step and the two variants below are timed in turn, round after round, each timed call
+  right after an untimed call of the same step, as in a training loop (timed straight after
+  the other variants instead, the default's step measured 1.14x and the cascade's 1.26x
+  slower in one session: benchmarks/README.md, eighteenth session).
 - compile: ``p_train_step.lower(state, batch)`` and ``.compile()`` times, measured in a fresh
   subprocess twice with the same persistent compilation cache directory
   (``jax_persistent_cache_min_compile_time_secs=0``): cold (empty cache), then warm.
@@ -197,7 +200,7 @@ def bench_config(
         state, _ = common.block(compiled(state, batch))  # first step (the state is donated)
         calls[variant] = step_fn(compiled, state, batch)
     # Interleaved, so load changes on the shared machine hit the three variants alike.
-    times = common.time_interleaved(calls, repeats=repeats, warmup=warmup)
+    times = common.time_interleaved(calls, repeats=repeats, warmup=warmup, back_to_back=True)
 
     full, feat, head = (times[v]["median"] for v in ("full", "features", "head"))
     b = config.batch_size
