@@ -7,7 +7,7 @@ the default's scale. What differs from the default:
   mmdetection's ``scales=[8]`` halved for these small images);
 - both stages' 3x3 convolutions 32 channels wide (64, the FPN's width, made the train step
   1.57x the default's against 1.28x for 32 in one measurement; 1.03-1.81x for 32 in later
-  ones, by machine and by how the steps are timed, 1.25-1.29x in training runs:
+  ones, by machine and by how the steps are timed, 1.14-1.29x in training runs:
   benchmarks/README.md; at the plain run's wall time 48 and 64 channels were no better, the
   README's Cascade RPN section);
 - stage 2 matched at IoU 0.5 / 0.5 instead of mmdetection's 0.7 / 0.7: 78 instead of 33
