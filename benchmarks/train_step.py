@@ -19,7 +19,10 @@ of the pipeline's structure.
   features (head, anchors, targets and RPN losses dropped; optimizer update kept), and with a
   dummy loss on the head outputs (targets and RPN losses dropped). Overhead = 1 - time of the
   features-only step / time of the full step; the second variant splits it into head vs
-  targets + losses. The same shares of XLA's FLOP count (``cost_analysis``) are printed
+  targets + losses (for the cascade, the dummy loss reads stage 2's outputs at every anchor,
+  as inference does, where the full step runs stage 2 at the sampled anchors only, so its
+  head share can exceed its whole overhead). The same shares of XLA's FLOP count
+  (``cost_analysis``) are printed
   beside them: where time and FLOP shares agree, the share is bound by arithmetic, not by
   how it is compiled.
 - memory: the XLA temporary buffers of the compiled step (``memory_analysis``), and the peak

@@ -150,7 +150,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.momentum = 0.9  # sgd only
     c.optim.weight_decay = 1e-4  # not applied to norms and biases
     c.optim.warmup_steps = 50  # linear warmup from 0.001 x learning_rate
-    c.optim.schedule = "cosine"  # cosine, step or constant
+    c.optim.schedule = "cosine"  # cosine, linear (to 0), step or constant
     c.optim.decay_steps = ()  # step boundaries for schedule="step"
     c.optim.decay_factor = 0.1  # schedule="step": learning rate x this at each boundary
     c.optim.grad_clip_norm = 10.0  # None = no clipping

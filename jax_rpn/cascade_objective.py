@@ -163,6 +163,42 @@ def _flat(levels, batch_size, *trailing):
     return jnp.concatenate([x.reshape(batch_size, -1, *trailing) for x in levels], axis=1)
 
 
+def stage2_sample(
+    refined_anchors: jax.Array,
+    batch: dict,
+    key: jax.Array,
+    *,
+    targets_settings: TargetSettings,
+    cascade_settings: CascadeSettings,
+) -> jax.Array:
+    """The anchors stage 2's loss reads: of ``refined_anchors [B, N, 4]`` (xyxy, levels
+    concatenated), the ones :func:`cascade_objective` samples with the same ``batch`` and
+    ``key`` -> int32 ``[B, num_samples]``, ascending, ``N`` where an image has fewer.
+
+    For ``CascadeHead(..., stage2_at=...)``: stage 2 then runs at these anchors only."""
+    b, n = refined_anchors.shape[:2]
+    settings = {
+        **targets_settings.kwargs(),
+        "low_quality_min_iou": cascade_settings.low_quality_min_iou,
+    }
+
+    def one(k, refined, boxes, valid, ignore, hw):
+        labels, _ = anchor_targets(
+            k, refined, boxes, valid, gt_ignore=ignore, image_hw=hw, **settings
+        )
+        size = targets_settings.num_samples  # the sampler keeps at most this many
+        return jnp.nonzero(labels >= 0, size=size, fill_value=n)[0].astype(jnp.int32)
+
+    return jax.vmap(one)(
+        _per_image_keys(key, b),
+        jax.lax.stop_gradient(refined_anchors),
+        batch["boxes"],
+        batch["valid"],
+        batch["ignore"],
+        batch["image_hw"],
+    )
+
+
 def cascade_objective(
     outputs: CascadeRPNOutput,
     batch: dict,

@@ -7,15 +7,18 @@ import ml_collections
 import optax
 
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "linear", "step", "constant")
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-    """Linear warmup from 0.001 x, then cosine, step (x ``decay_factor`` at each boundary) or
-    constant. detectron2's ``WarmupMultiStepLR`` is ``schedule="step"``."""
+    """Linear warmup from 0.001 x, then cosine, linear (both to 0 at ``num_steps``), step (x
+    ``decay_factor`` at each boundary) or constant. detectron2's ``WarmupMultiStepLR`` is
+    ``schedule="step"``."""
     lr, warmup = optim.learning_rate, optim.warmup_steps
     if optim.schedule == "cosine":
         main = optax.cosine_decay_schedule(lr, max(num_steps - warmup, 1))
+    elif optim.schedule == "linear":
+        main = optax.linear_schedule(lr, 0.0, max(num_steps - warmup, 1))
     elif optim.schedule == "step":
         boundaries = {int(b) - warmup: optim.decay_factor for b in optim.decay_steps}
         main = optax.piecewise_constant_schedule(lr, boundaries)

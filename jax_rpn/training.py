@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from jax_rpn import checkpoints as checkpoints_lib
 from jax_rpn import config_checks, inference, interop, parallel, recall, viz
 from jax_rpn import workdir as workdir_lib
-from jax_rpn.cascade_objective import cascade_objective
+from jax_rpn.cascade_objective import cascade_objective, stage2_sample
 from jax_rpn.data import pipeline
 from jax_rpn.data.augment import denormalize
 from jax_rpn.models import build_rpn, frozen_parameters, init_variables
@@ -134,6 +134,9 @@ def make_train_step(config, model, tx, schedule, *, with_proposals: bool = False
     (``proposals.*_train``), as the RPN of a two-stage detector hands them to its second
     stage in training (torchvision's ``RegionProposalNetwork`` in train mode). No gradient
     flows through them.
+
+    The cascade head's stage 2 runs only at the anchors its loss samples
+    (:func:`jax_rpn.cascade_objective.stage2_sample`), or at every anchor ``with_proposals``.
     """
     mutable = list(model_state_collections(config))
     frozen = frozen_parameters(config.model.backbone, config.model.freeze_at)
@@ -141,9 +144,16 @@ def make_train_step(config, model, tx, schedule, *, with_proposals: bool = False
         "targets_settings": TargetSettings.from_config(config),
         "loss_settings": LossSettings.from_config(config),
     }
+    stage2_at = None  # the cascade's stage 2 only where its loss reads (not for proposals)
     if config.model.head == "cascade":
         settings["cascade_settings"] = CascadeSettings.from_config(config)
         objective = functools.partial(cascade_objective, **settings)
+        if not with_proposals:
+            stage2_at = functools.partial(
+                stage2_sample,
+                targets_settings=settings["targets_settings"],
+                cascade_settings=settings["cascade_settings"],
+            )
     else:
         objective = functools.partial(rpn_objective, **settings)
     proposal_settings = ProposalSettings.from_config(config, train=True)
@@ -160,12 +170,16 @@ def make_train_step(config, model, tx, schedule, *, with_proposals: bool = False
                     params,
                 )
             variables = {"params": params, **state.model_state}
+            extra = {}
+            if stage2_at is not None:
+                extra["stage2_at"] = lambda refined: stage2_at(refined, batch, keys)
             outputs, new_model_state = model.apply(
                 variables,
                 batch["image"],
                 train=True,
                 image_hw=batch["image_hw"],
                 mutable=mutable,
+                **extra,
             )
             loss, metrics = objective(outputs, batch, keys)
             return loss, (metrics, new_model_state, outputs)

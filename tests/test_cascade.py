@@ -19,11 +19,12 @@ from configs import cascade as cascade_config
 from configs import coco_r50_fpn_cascade, tiny
 from jax_rpn import boxes as box_ops
 from jax_rpn import config_checks, inference, matching, parallel, region_assign, training
-from jax_rpn.cascade_objective import cascade_objective, cascade_targets
+from jax_rpn.cascade_objective import cascade_objective, cascade_targets, stage2_sample
 from jax_rpn.models import build_rpn, init_variables
 from jax_rpn.models.adaptive_conv import (
     AdaptiveConv,
     adaptive_conv,
+    adaptive_conv_at,
     anchor_points,
     multilevel_adaptive_conv,
     regular_points,
@@ -177,13 +178,61 @@ def test_adaptive_conv_with_taps_per_anchor_is_one_conv_per_anchor():
     want, _ = jax.jit(one_by_one)(xs, kernel)
     assert [g.shape for g in got] == [(2, 5, 6, 3, 4), (2, 3, 3, 3, 4)]
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
-    grad = jax.grad(lambda xs, k, f: f(xs, k)[1], argnums=(0, 1))
+    _assert_same_gradients(per_anchor, one_by_one, xs, kernel)
+
+
+def _assert_same_gradients(f, g, xs, kernel):
+    """``f`` and ``g`` map ``(xs, kernel)`` to ``(outputs, loss)``: the same jitted gradients of
+    the loss with respect to both."""
+    grad = jax.grad(lambda xs, k, fn: fn(xs, k)[1], argnums=(0, 1))
     chex.assert_trees_all_close(
-        jax.jit(grad, static_argnums=2)(xs, kernel, per_anchor),
-        jax.jit(grad, static_argnums=2)(xs, kernel, one_by_one),
+        jax.jit(grad, static_argnums=2)(xs, kernel, f),
+        jax.jit(grad, static_argnums=2)(xs, kernel, g),
         rtol=1e-4,
         atol=1e-4,
     )
+
+
+def test_adaptive_conv_at_chosen_cells_is_the_dense_conv_there():
+    """``adaptive_conv_at``: S cells per image picked over two levels give the dense
+    convolution's values at those cells, and its gradients for a loss that reads only them;
+    a cell of level -1 reads zeros."""
+    rng = np.random.default_rng(6)
+    xs = [rng.normal(size=(2, 5, 6, 3)).astype(np.float32), rng.normal(size=(2, 3, 3, 3))]
+    xs[1] = xs[1].astype(np.float32)
+    kernel = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+    points = [rng.uniform(-1.5, 6.5, size=(*x.shape[:3], 9, 2)).astype(np.float32) for x in xs]
+    # Per image: (level, row, col) of each chosen cell; the last is padding (level -1).
+    cells = [[(0, 0, 0), (1, 2, 1), (0, 4, 5), (1, 0, 2), (-1, 0, 0)]] * 2
+    cells[1] = [(1, 1, 1), (0, 2, 3), (0, 0, 5), (1, 2, 2), (-1, 0, 0)]
+    levels = np.array([[c[0] for c in image] for image in cells], np.int32)  # [2, 5]
+    picked = np.array(
+        [
+            [points[lvl][i, r, c] if lvl >= 0 else np.zeros((9, 2)) for lvl, r, c in image]
+            for i, image in enumerate(cells)
+        ],
+        np.float32,
+    )  # [2, 5, 9, 2]
+    d_out = rng.normal(size=(2, 5, 4)).astype(np.float32)
+
+    def dense(xs, k):
+        outs = multilevel_adaptive_conv(xs, points, k)
+        rows = [
+            jnp.stack([outs[lvl][i, r, c] if lvl >= 0 else jnp.zeros(4) for lvl, r, c in image])
+            for i, image in enumerate(cells)
+        ]
+        out = jnp.stack(rows)  # [2, 5, 4]
+        return out, jnp.sum(out * d_out)
+
+    def sparse(xs, k):
+        out = adaptive_conv_at(xs, picked, levels, k)
+        return out, jnp.sum(out * d_out)
+
+    got, want = jax.jit(sparse)(xs, kernel)[0], jax.jit(dense)(xs, kernel)[0]
+    assert got.shape == (2, 5, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[:, -1], 0.0)
+    _assert_same_gradients(sparse, dense, xs, kernel)
 
 
 def test_anchor_points_sit_on_the_anchor_as_mmdetection_offsets():
@@ -640,6 +689,83 @@ def test_model_outputs_and_proposals_from_refined_anchors(tiny_model, ratios):
     assert float(props.scores[1, 0]) == pytest.approx(float(flat_logits[1, top]), rel=1e-6)
 
 
+@pytest.mark.parametrize("ratios", [(1.0,), (0.5, 1.0, 2.0)])
+def test_stage2_at_the_sampled_anchors_gives_the_dense_loss_and_gradients(tiny_model, ratios):
+    """Training's stage 2 at the anchors ``stage2_sample`` picks (the ones the loss samples)
+    gives the dense head's loss, metrics and gradients; its outputs equal the dense ones there
+    and are 0 elsewhere."""
+    config, model, variables = tiny_model
+    if len(ratios) > 1:
+        config = _tiny_cascade_config()
+        config.anchors.aspect_ratios = ratios
+        model = build_rpn(config)
+        variables = init_variables(model, jax.random.key(0), (2, 64, 64, 3))
+    batch = _random_batch(np.random.default_rng(8), config, 2)
+    keys = jax.random.split(jax.random.key(9), 2)
+    t, c = TargetSettings.from_config(config), CascadeSettings.from_config(config)
+
+    def run(params, sparse):
+        extra = {}
+        if sparse:
+            extra["stage2_at"] = lambda refined: stage2_sample(
+                refined, batch, keys, targets_settings=t, cascade_settings=c
+            )
+        out, _ = model.apply(
+            {**variables, "params": params},
+            batch["image"],
+            train=True,
+            image_hw=batch["image_hw"],
+            mutable=["batch_stats"],
+            **extra,
+        )
+        loss, metrics = _objective(config)(out, batch, keys)
+        return loss, (metrics, out)
+
+    grad = jax.jit(jax.value_and_grad(run, has_aux=True), static_argnums=1)
+    (loss, (metrics, dense)), grads = grad(variables["params"], False)
+    (s_loss, (s_metrics, sparse)), s_grads = grad(variables["params"], True)
+    np.testing.assert_allclose(s_loss, loss, rtol=1e-6)
+    chex.assert_trees_all_close(s_metrics, metrics, rtol=1e-6)
+    chex.assert_trees_all_close(s_grads, grads, rtol=1e-4, atol=1e-7)
+    assert metrics["num_positive"] > 0 and metrics["num_negative"] > 0
+
+    # The anchors picked are the sampled ones of cascade_targets (stage 2's labels >= 0).
+    refined = jnp.concatenate(dense.refined_anchors, axis=1)  # [B, N, 4]
+    picked = jax.jit(stage2_sample, static_argnames=("targets_settings", "cascade_settings"))(
+        refined, batch, keys, targets_settings=t, cascade_settings=c
+    )
+    n = refined.shape[1]
+    for i in range(2):
+        labels = cascade_targets(
+            keys[i],
+            dense.anchors,
+            refined[i],
+            batch["boxes"][i],
+            batch["valid"][i],
+            strides=dense.strides,
+            feature_hws=[o.shape[1:3] for o in dense.objectness],
+            anchor_sizes=c.anchor_sizes,
+            stage2_weights=t.weights,
+            high=t.high,
+            low=t.low,
+            num_samples=t.num_samples,
+            gt_ignore=batch["ignore"][i],
+            image_hw=batch["image_hw"][i],
+        ).stage2_labels
+        want = np.flatnonzero(np.asarray(labels) >= 0)
+        np.testing.assert_array_equal(picked[i][: len(want)], want)
+        np.testing.assert_array_equal(picked[i][len(want) :], n)
+        # Outputs: the dense head's at the picked anchors, 0 at the others.
+        for name, k in (("objectness", 1), ("deltas", 4)):
+            flat = [
+                jnp.concatenate([x[i].reshape(-1, k) for x in getattr(o, name)])  # [N, k]
+                for o in (dense, sparse)
+            ]
+            np.testing.assert_allclose(flat[1][want], flat[0][want], rtol=1e-5, atol=1e-6)
+            others = np.setdiff1d(np.arange(n), want)
+            np.testing.assert_array_equal(flat[1][others], 0.0)
+
+
 @pytest.mark.parametrize("dilation", [1, 3])
 def test_config_dilation_is_stage_1s_convolution(tiny_model, dilation):
     """``cascade.stage1_dilation`` (``configs/cascade.py``: 1, mmdetection's: 3) is the dilation
@@ -660,9 +786,11 @@ def test_config_dilation_is_stage_1s_convolution(tiny_model, dilation):
         np.testing.assert_allclose(deltas[..., 0, :], want, rtol=1e-4, atol=1e-6)
 
 
-def test_gradients_finite_for_degenerate_refined_anchors():
+@pytest.mark.parametrize("sampled_only", [False, True])
+def test_gradients_finite_for_degenerate_refined_anchors(sampled_only):
     """Stage 1 pushed to zero-size boxes, or far outside the image (clipped to a line on its
-    border): stage 2 samples nothing useful, and the loss and gradients stay finite."""
+    border): stage 2 samples nothing useful, and the loss and gradients stay finite, with
+    stage 2 at every anchor or (as in training) at the sampled ones."""
     config = _tiny_cascade_config()
     hws, strides = ((8, 8), (4, 4), (2, 2)), (8, 16, 32)
     config.anchors.strides, config.anchors.sizes = strides, ((16,), (32,), (64,))
@@ -681,8 +809,17 @@ def test_gradients_finite_for_degenerate_refined_anchors():
         params = {**params, "stage1_deltas": {**params["stage1_deltas"], "bias": bias}}
 
         def loss_fn(params, features):
+            at = None
+            if sampled_only:
+                at = functools.partial(
+                    stage2_sample,
+                    batch=batch,
+                    key=jax.random.key(0),
+                    targets_settings=TargetSettings.from_config(config),
+                    cascade_settings=CascadeSettings.from_config(config),
+                )
             s1, refined, objectness, deltas = head.apply(
-                {"params": params}, features, anchors, strides, image_hw
+                {"params": params}, features, anchors, strides, image_hw, stage2_at=at
             )
             out = CascadeRPNOutput(
                 objectness, deltas, tuple(anchors), s1, refined, tuple(features), strides
@@ -703,23 +840,28 @@ def test_gradients_finite_for_degenerate_refined_anchors():
         assert metrics["num_positive"] == 0  # no refined anchor overlaps anything
 
 
+def _trainer_pieces(config, variables):
+    """The trainer's model, optimizer and a replicated state from ``variables``, on 2 devices."""
+    mesh = parallel.data_mesh(jax.devices()[:2])
+    model = build_rpn(config, axis_name=parallel.AXIS)
+    tx, schedule = create_optimizer(config.optim, config.num_train_steps)
+    state = training.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        model_state={"batch_stats": variables["batch_stats"]},
+        opt_state=tx.init(variables["params"]),
+        key=jax.random.PRNGKey(0),
+    )
+    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return mesh, model, tx, schedule, state
+
+
 def test_cascade_train_step_compiles_once_and_learns(tiny_model):
     """The trainer's step with the cascade head: one program for every step, on 2 devices."""
     config, _, variables = tiny_model
     rng = np.random.default_rng(5)
     batches = [_random_batch(rng, config, 8) for _ in range(3)]
-    mesh = parallel.data_mesh(jax.devices()[:2])
-    model = build_rpn(config, axis_name=parallel.AXIS)
-    tx, schedule = create_optimizer(config.optim, config.num_train_steps)
-    params = variables["params"]
-    state = training.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        model_state={"batch_stats": variables["batch_stats"]},
-        opt_state=tx.init(params),
-        key=jax.random.PRNGKey(0),
-    )
-    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    mesh, model, tx, schedule, state = _trainer_pieces(config, variables)
     chex.clear_trace_counter()
     step = chex.assert_max_traces(training.make_train_step(config, model, tx, schedule), n=1)
     p_step = parallel.parallelize(step, mode="shard_map", mesh=mesh)
@@ -729,6 +871,32 @@ def test_cascade_train_step_compiles_once_and_learns(tiny_model):
         losses.append(float(m["loss"]))
         assert m["finite"] == 1 and m["stage1_positive"] > 0
     assert losses[-1] != losses[0]
+
+
+def test_cascade_train_step_runs_stage2_at_sampled_anchors_only_with_the_same_update(tiny_model):
+    """The trainer's step runs stage 2 at the sampled anchors only; the step that also returns
+    proposals runs it everywhere. One SGD step (its update is linear in the gradient) from the
+    same state on the same batch gives the same parameters and loss."""
+    config, _, variables = tiny_model
+    config = _tiny_cascade_config()
+    config.optim.name, config.optim.schedule, config.optim.warmup_steps = "sgd", "constant", 0
+    config.optim.grad_clip_norm = None
+    batch = _random_batch(np.random.default_rng(11), config, 4)
+    mesh, model, tx, schedule, state = _trainer_pieces(config, variables)
+    sharded = parallel.shard_batch(batch, mode="shard_map", mesh=mesh)
+    results = []
+    for with_proposals, out in ((False, (True, True)), (True, (True, True, False))):
+        step = training.make_train_step(config, model, tx, schedule, with_proposals=with_proposals)
+        step = parallel.parallelize(step, mode="shard_map", mesh=mesh, replicated_out=out)
+        results.append(step(state, sharded))
+    (sparse, s_metrics), (dense, metrics, _) = results
+    np.testing.assert_allclose(s_metrics["loss"], metrics["loss"], rtol=1e-6)
+    assert s_metrics["num_positive"] > 0
+    moved = jax.tree.map(
+        lambda a, b: float(jnp.max(jnp.abs(a - b))), dense.params, variables["params"]
+    )
+    assert max(jax.tree.leaves(moved)) > 1e-4  # the step did update the parameters
+    chex.assert_trees_all_close(sparse.params, dense.params, rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------

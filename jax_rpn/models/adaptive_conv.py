@@ -20,7 +20,8 @@ of all maps and images (:func:`multilevel_adaptive_conv`) are therefore processe
 chunks inside one ``lax.scan`` (a few MiB per step, reused): one gather from a table of 2x2
 pixel neighbourhoods per tap (the four corners in one contiguous row), the corner weights,
 then one matmul with the kernel. The backward pass (a custom VJP) walks the same chunks and
-scatter-adds into one accumulator carried through the scan.
+scatter-adds into one accumulator carried through the scan. :func:`adaptive_conv_at` does the
+same at chosen cells only (a training step's sampled anchors).
 """
 
 from collections.abc import Sequence
@@ -165,6 +166,28 @@ def _sampled_conv_bwd(res, d_out):
 _sampled_conv.defvjp(_sampled_conv_fwd, _sampled_conv_bwd)
 
 
+def _tables(xs):
+    """The neighbourhood tables of L maps ``[B, Hl, Wl, C]``, levels then images concatenated,
+    -> ``(table [R, 4C], first row of each level, C)``."""
+    c = check_shape(xs[0], "xs[0]", "[B, H, W, C]")["C"]
+    tables, offsets, offset = [], [], 0
+    for level, x in enumerate(xs):
+        check_shape(x, f"xs[{level}]", "[B, H, W, C]", sizes={"C": c})
+        b, h, w = x.shape[:3]
+        tables.append(jax.vmap(_neighbourhoods)(x).reshape(b * (h + 1) * (w + 1), 4 * c))
+        offsets.append(offset)
+        offset += b * (h + 1) * (w + 1)
+    return jnp.concatenate(tables), offsets, c
+
+
+def _rows_in_table(points, image, level_hw, offset):
+    """Rows of :func:`_tables`' table and corner weights of ``points [..., 9, 2]`` on one level
+    (``level_hw``, first row ``offset``) in images ``image [...]`` int32."""
+    h, w = level_hw
+    rows, weights = _rows_and_weights(points, (h, w))
+    return rows + offset + (h + 1) * (w + 1) * image[..., None], weights
+
+
 def multilevel_adaptive_conv(
     xs: Sequence[jax.Array], points: Sequence[jax.Array], kernel: jax.Array
 ) -> list[jax.Array]:
@@ -175,31 +198,61 @@ def multilevel_adaptive_conv(
     ``[B, Hl, Wl, A, O]``."""
     if len(xs) != len(points) or not xs:
         raise ValueError(f"need one points array per map, got {len(points)} for {len(xs)} maps")
-    c = check_shape(xs[0], "xs[0]", "[B, H, W, C]")["C"]
+    table, offsets, c = _tables(xs)
     check_shape(kernel, "kernel", "[3, 3, C, O]", sizes={"C": c})
-    tables, rows, weights, shapes, offset = [], [], [], [], 0
-    for level, (x, p) in enumerate(zip(xs, points, strict=True)):
-        level_sizes = check_shape(x, f"xs[{level}]", "[B, H, W, C]", sizes={"C": c})
+    rows, weights, shapes = [], [], []
+    for level, (x, p, offset) in enumerate(zip(xs, points, offsets, strict=True)):
+        level_sizes = check_shape(x, f"xs[{level}]", "[B, H, W, C]")
         layout = "[B, H, W, A, 9, 2]" if np.ndim(p) == 6 else "[B, H, W, 9, 2]"
         check_shape(p, f"points[{level}]", layout, sizes=level_sizes)
         b, h, w = x.shape[:3]
-        if isinstance(p, np.ndarray):  # e.g. a broadcast view: jit wants a plain array
-            p = np.ascontiguousarray(p, np.float32)
-        p = jnp.asarray(p, jnp.float32).reshape(b, -1, 9, 2)  # [B, Hl * Wl * A, 9, 2]
-        r, wt = _rows_and_weights(p, (h, w))
-        per_image = (h + 1) * (w + 1)
-        r = r + offset + per_image * jnp.arange(b, dtype=jnp.int32)[:, None, None]
-        tables.append(jax.vmap(_neighbourhoods)(x).reshape(b * per_image, 4 * c))
+        p = _as_points(p).reshape(b, -1, 9, 2)  # [B, Hl * Wl * A, 9, 2]
+        image = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], p.shape[:2])
+        r, wt = _rows_in_table(p, image, (h, w), offset)
         rows.append(r.reshape(-1, 9))
         weights.append(wt.reshape(-1, 9, 4).astype(x.dtype))
         shapes.append(np.shape(points[level])[:-2])  # (B, Hl, Wl[, A])
-        offset += b * per_image
     kernel_2d = kernel.reshape(9 * c, -1).astype(xs[0].dtype)  # row (ky * 3 + kx) * C + c
-    out = _sampled_conv(
-        jnp.concatenate(tables), jnp.concatenate(rows), jnp.concatenate(weights), kernel_2d
-    )
+    out = _sampled_conv(table, jnp.concatenate(rows), jnp.concatenate(weights), kernel_2d)
     sizes = np.cumsum([np.prod(shape) for shape in shapes])[:-1]
     return [o.reshape(*shape, -1) for o, shape in zip(jnp.split(out, sizes), shapes, strict=True)]
+
+
+def adaptive_conv_at(
+    xs: Sequence[jax.Array], points: jax.Array, levels: jax.Array, kernel: jax.Array
+) -> jax.Array:
+    """:func:`multilevel_adaptive_conv` at S chosen cells per image only: ``xs`` L arrays
+    ``[B, Hl, Wl, C]``, ``points [B, S, 9, 2]`` (y, x) in the feature coordinates of each cell's
+    map, ``levels`` int32 ``[B, S]`` the map of each -> ``[B, S, O]``.
+
+    The cost is that of S cells, not of every cell of every map: what a training step needs
+    when its loss reads only sampled anchors. Gradients flow to ``xs`` and ``kernel``; a level
+    outside ``[0, L)`` reads zeros.
+    """
+    table, offsets, c = _tables(xs)
+    check_shape(kernel, "kernel", "[3, 3, C, O]", sizes={"C": c})
+    sizes = check_shape(points, "points", "[B, S, 9, 2]", sizes={"B": xs[0].shape[0]})
+    check_shape(levels, "levels", "[B, S]", sizes=sizes)
+    points = _as_points(points)
+    image = jnp.broadcast_to(jnp.arange(sizes["B"], dtype=jnp.int32)[:, None], levels.shape)
+    rows = jnp.zeros(points.shape[:3], jnp.int32)  # [B, S, 9]
+    weights = jnp.zeros((*points.shape[:3], 4), jnp.float32)  # [B, S, 9, 4]
+    for level, (x, offset) in enumerate(zip(xs, offsets, strict=True)):
+        r, wt = _rows_in_table(points, image, x.shape[1:3], offset)
+        on_level = (levels == level)[..., None]  # [B, S, 1]
+        rows = jnp.where(on_level, r, rows)
+        weights = jnp.where(on_level[..., None], wt, weights)
+    kernel_2d = kernel.reshape(9 * c, -1).astype(xs[0].dtype)
+    out = _sampled_conv(
+        table, rows.reshape(-1, 9), weights.reshape(-1, 9, 4).astype(xs[0].dtype), kernel_2d
+    )
+    return out.reshape(*levels.shape, -1)
+
+
+def _as_points(p):
+    if isinstance(p, np.ndarray):  # e.g. a broadcast view: jit wants a plain array
+        p = np.ascontiguousarray(p, np.float32)
+    return jnp.asarray(p, jnp.float32)
 
 
 def adaptive_conv(x: jax.Array, points: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -223,7 +276,9 @@ class AdaptiveConv(nn.Module):
     Called with ``points`` (L arrays ``[B, Hl, Wl, 9, 2]``, e.g. :func:`anchor_points`) it
     samples there (mmdetection's ``type='offset'``, a deformable convolution, no bias); with
     ``points=None`` it is a plain convolution of ``dilation`` with zero padding and a bias
-    (``type='dilation'``).
+    (``type='dilation'``). With ``levels`` (int32 ``[B, S]``), ``points`` is one array
+    ``[B, S, 9, 2]`` and it runs at those S cells only (:func:`adaptive_conv_at`), returning
+    ``[B, S, features]``.
 
     Attributes:
       features: output channels.
@@ -237,9 +292,13 @@ class AdaptiveConv(nn.Module):
 
     @nn.compact
     def __call__(
-        self, xs: Sequence[jax.Array], points: Sequence[jax.Array] | None = None
-    ) -> list[jax.Array]:
-        """L maps ``[B, Hl, Wl, C]`` -> L maps ``[B, Hl, Wl, features]``."""
+        self,
+        xs: Sequence[jax.Array],
+        points: Sequence[jax.Array] | jax.Array | None = None,
+        levels: jax.Array | None = None,
+    ) -> list[jax.Array] | jax.Array:
+        """L maps ``[B, Hl, Wl, C]`` -> L maps ``[B, Hl, Wl, features]`` (``levels``: ``[B, S,
+        features]``)."""
         xs = [x.astype(self.dtype) for x in xs]
         if points is None:
             conv = nn.Conv(
@@ -254,5 +313,7 @@ class AdaptiveConv(nn.Module):
             )
             return [conv(x) for x in xs]
         kernel = self.param("kernel", NORMAL_001, (3, 3, xs[0].shape[-1], self.features))
-        points = [lax.stop_gradient(jnp.asarray(p, jnp.float32)) for p in points]
+        if levels is not None:
+            return adaptive_conv_at(xs, lax.stop_gradient(_as_points(points)), levels, kernel)
+        points = [lax.stop_gradient(_as_points(p)) for p in points]
         return multilevel_adaptive_conv(xs, points, kernel)

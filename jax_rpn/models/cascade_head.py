@@ -18,17 +18,23 @@ With A anchors per cell, stage 1 predicts 4 A deltas per cell and stage 2 sample
 refined anchor (A adaptive convolutions per cell, one kernel), so each anchor keeps its own
 aligned features; the 1x1 predictors are shared by the A anchors.
 
+In training, stage 2's loss reads only the anchors its sampler picks (256 per image of the
+5456 of a 256x256 image), so the trainer runs stage 2 at those only (``stage2_at``): the same
+loss and gradients, without the adaptive convolution's gathers and scatters at every cell.
+mmdetection runs its deformable convolution everywhere.
+
 All convolutions are initialised normal(0.01) with zero bias, as mmdetection; the adaptive
 convolution has no bias (mmcv's ``DeformConv2d(bias=False)``). Shapes follow
 :class:`jax_rpn.models.RPNOutput`.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jax_rpn import boxes as box_ops
@@ -94,10 +100,19 @@ class CascadeHead(nn.Module):
         anchors: Sequence[jax.Array],
         strides: Sequence[int],
         image_hw: jax.Array,
+        *,
+        stage2_at: Callable[[jax.Array], jax.Array] | None = None,
     ) -> tuple[tuple[jax.Array, ...], ...]:
         """L maps ``[B, Hl, Wl, C]``, their grid anchors ``[Hl * Wl, 4]`` and strides, and the
         true image sizes ``image_hw [B, 2]`` -> ``(stage1_deltas, refined_anchors, objectness,
-        deltas)``, tuples of L arrays shaped as in :class:`CascadeRPNOutput`."""
+        deltas)``, tuples of L arrays shaped as in :class:`CascadeRPNOutput`.
+
+        ``stage2_at``: None, or a function of the refined anchors ``[B, N, 4]`` (levels
+        concatenated) returning int32 ``[B, S]``: distinct anchor indices, ``N`` for none. Stage
+        2 then runs at those anchors only (a training step whose loss reads only sampled
+        anchors: the same loss and gradients at a fraction of the cost); its outputs are 0
+        elsewhere.
+        """
         shapes = [tuple(f.shape) for f in features]
         if any(len(s) != 4 for s in shapes) or len({s[-1] for s in shapes}) != 1:
             raise ValueError(
@@ -147,9 +162,34 @@ class CascadeHead(nn.Module):
             stage1_deltas.append(d1)
             refined.append(boxes)
             points.append(anchor_points(boxes.reshape(b, h, w, num_a, 4), stride=stride))
-        objectness, deltas = [], []
-        for x in stage2_conv(bridged, points):  # taps on the refined anchors [B, H, W, A, 9, 2]
-            out = (nn.relu(x) @ kernel + bias).astype(jnp.float32)  # [B, H, W, A, 5]
-            objectness.append(out[..., 0])
-            deltas.append(out[..., 1:])
-        return tuple(stage1_deltas), tuple(refined), tuple(objectness), tuple(deltas)
+        if stage2_at is None:  # taps on the refined anchors [B, H, W, A, 9, 2]
+            outs = [nn.relu(x) @ kernel + bias for x in stage2_conv(bridged, points)]
+        else:
+            outs = _scattered(
+                stage2_at(jnp.concatenate(refined, axis=1)),
+                points,
+                lambda pts, lvl: nn.relu(stage2_conv(bridged, pts, lvl)) @ kernel + bias,
+            )
+        objectness = tuple(o[..., 0].astype(jnp.float32) for o in outs)  # L x [B, H, W, A]
+        deltas = tuple(o[..., 1:].astype(jnp.float32) for o in outs)  # L x [B, H, W, A, 4]
+        return tuple(stage1_deltas), tuple(refined), objectness, deltas
+
+
+def _scattered(indices, points, fn):
+    """``fn(points [B, S, 9, 2], levels [B, S]) -> [B, S, K]`` at the anchors ``indices [B, S]``
+    (``N`` = none) of the per-level ``points`` (L arrays ``[B, Hl, Wl, A, 9, 2]``), scattered
+    into L arrays ``[B, Hl, Wl, A, K]``, 0 at the anchors not chosen."""
+    shapes = [p.shape[:-2] for p in points]  # L x (B, Hl, Wl, A)
+    flat = [p.reshape(p.shape[0], -1, 9, 2) for p in points]  # L x [B, Nl, 9, 2]
+    counts = [p.shape[1] for p in flat]
+    n = sum(counts)
+    level_of = np.repeat(np.arange(len(flat), dtype=np.int32), counts)  # [N]
+    chosen = jnp.clip(indices, 0, n - 1)  # [B, S]
+    picked = jnp.take_along_axis(jnp.concatenate(flat, axis=1), chosen[..., None, None], axis=1)
+    levels = jnp.where(indices < n, jnp.asarray(level_of)[chosen], -1)  # [B, S]
+    out = fn(picked, levels)  # [B, S, K]
+    rows = jnp.arange(indices.shape[0])[:, None]
+    dense = jnp.zeros((indices.shape[0], n + 1, out.shape[-1]), out.dtype)
+    dense = dense.at[rows, indices].set(out)[:, :n]  # [B, N, K]; row N took the "none"s
+    parts = jnp.split(dense, np.cumsum(counts)[:-1], axis=1)
+    return [x.reshape(*shape, -1) for x, shape in zip(parts, shapes, strict=True)]

@@ -346,7 +346,12 @@ class RPN(nn.Module):
         return [features[name] for name in self.levels]
 
     def __call__(
-        self, images: jax.Array, *, train: bool, image_hw: jax.Array | None = None
+        self,
+        images: jax.Array,
+        *,
+        train: bool,
+        image_hw: jax.Array | None = None,
+        stage2_at: Callable[[jax.Array], jax.Array] | None = None,
     ) -> RPNOutput | CascadeRPNOutput:
         """``images`` ``[B, H, W, 3]`` (H, W divisible by :func:`size_divisibility`) -> RPNOutput
         (``head_type="cascade"``: CascadeRPNOutput).
@@ -354,7 +359,9 @@ class RPN(nn.Module):
         ``train`` selects batch statistics for ``batch_norm`` (then apply with
         ``mutable=["batch_stats"]``); other norms ignore it. ``image_hw [B, 2]``: the true
         image sizes inside the padding, to which the cascade head clips its refined anchors
-        (None: the padded size); the standard head does not use it.
+        (None: the padded size); the standard head does not use it. ``stage2_at``: the cascade
+        head's (:class:`jax_rpn.models.cascade_head.CascadeHead`), e.g.
+        :func:`jax_rpn.cascade_objective.stage2_sample` in training.
         """
         h, w = self._check_images(images)
         maps = self.features(images, train=train)
@@ -370,7 +377,7 @@ class RPN(nn.Module):
             if image_hw is None:
                 image_hw = jnp.tile(jnp.array([h, w], jnp.int32), (images.shape[0], 1))
             stage1_deltas, refined, objectness, deltas = self.head(
-                maps, level_anchors, strides, image_hw
+                maps, level_anchors, strides, image_hw, stage2_at=stage2_at
             )
             return CascadeRPNOutput(
                 objectness=objectness,
@@ -381,6 +388,8 @@ class RPN(nn.Module):
                 features=tuple(maps),
                 strides=strides,
             )
+        if stage2_at is not None:
+            raise ValueError("stage2_at is for the cascade head (head_type='cascade')")
         objectness, deltas = self.head(maps)
         return RPNOutput(
             objectness=objectness,
