@@ -766,6 +766,12 @@ def test_stage2_at_the_sampled_anchors_gives_the_dense_loss_and_gradients(tiny_m
             np.testing.assert_array_equal(flat[1][others], 0.0)
 
 
+def test_stage2_at_is_refused_by_the_standard_head():
+    model = build_rpn(tiny.get_config())  # head_type "standard"
+    with pytest.raises(ValueError, match="stage2_at is for the cascade head.*'standard'"):
+        model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False, stage2_at=len)
+
+
 @pytest.mark.parametrize("dilation", [1, 3])
 def test_config_dilation_is_stage_1s_convolution(tiny_model, dilation):
     """``cascade.stage1_dilation`` (``configs/cascade.py``: 1, mmdetection's: 3) is the dilation

@@ -363,6 +363,10 @@ class RPN(nn.Module):
         head's (:class:`jax_rpn.models.cascade_head.CascadeHead`), e.g.
         :func:`jax_rpn.cascade_objective.stage2_sample` in training.
         """
+        if stage2_at is not None and self.head_type != "cascade":
+            raise ValueError(
+                f"stage2_at is for the cascade head (head_type='cascade'), got {self.head_type!r}"
+            )
         h, w = self._check_images(images)
         maps = self.features(images, train=train)
         hws = [tuple(f.shape[1:3]) for f in maps]
@@ -388,8 +392,6 @@ class RPN(nn.Module):
                 features=tuple(maps),
                 strides=strides,
             )
-        if stage2_at is not None:
-            raise ValueError("stage2_at is for the cascade head (head_type='cascade')")
         objectness, deltas = self.head(maps)
         return RPNOutput(
             objectness=objectness,
