@@ -883,7 +883,7 @@ def test_cascade_train_step_runs_stage2_at_sampled_anchors_only_with_the_same_up
     """The trainer's step runs stage 2 at the sampled anchors only; the step that also returns
     proposals runs it everywhere. One SGD step (its update is linear in the gradient) from the
     same state on the same batch gives the same parameters and loss."""
-    config, _, variables = tiny_model
+    _, _, variables = tiny_model
     config = _tiny_cascade_config()
     config.optim.name, config.optim.schedule, config.optim.warmup_steps = "sgd", "constant", 0
     config.optim.grad_clip_norm = None
