@@ -247,11 +247,66 @@ def test_1x1_conv_is_a_matmul_with_the_convolution_numbers(stride, hw):
 
 
 @pytest.mark.parametrize(
+    "channels, features, hw", [(3, 4, (9, 7)), (3, 4, (8, 6)), (5, 4, (8, 6)), (3, 64, (8, 6))]
+)
+def test_stem_conv_with_a_zero_channel_gives_the_convolution_numbers(channels, features, hw):
+    # A narrow stem's 7x7 stride-2 convolution runs its forward pass with a zero 4th image
+    # channel (faster on XLA CPU); references: the same nn.Conv on lax.conv_general_dilated,
+    # and a plain numpy sum over the 49 taps. Other channel counts, and 64 or more outputs,
+    # take the plain convolution.
+    from jax_rpn.models.resnet import conv, conv_rgb_padded
+
+    x = jnp.asarray(RNG.normal(size=(2, *hw, channels)), jnp.float32)
+    ours = conv(
+        features,
+        7,
+        2,
+        use_bias=True,
+        dtype=jnp.float32,
+        name="c",
+        conv_general_dilated=conv_rgb_padded,
+    )
+    reference = nn.Conv(features, (7, 7), strides=2, padding=((3, 3), (3, 3)))
+    variables = jax.tree.map(lambda v: v + 0.1, ours.init(KEY, x))  # a nonzero bias
+
+    def loss(module, variables, x):
+        return jnp.sum(jnp.sin(module.apply(variables, x)))
+
+    out = jit(ours.apply)(variables, x)
+    kernel, bias = (np.asarray(variables["params"][k], np.float64) for k in ("kernel", "bias"))
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (3, 3), (3, 3), (0, 0)))
+    ho, wo = (hw[0] + 1) // 2, (hw[1] + 1) // 2
+    expected = bias + sum(
+        np.einsum("bhwc,co->bhwo", xp[:, i : i + 2 * ho : 2, j : j + 2 * wo : 2], kernel[i, j])
+        for i in range(7)
+        for j in range(7)
+    )
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, reference.apply(variables, x), rtol=1e-5, atol=1e-5)
+    grads = jit(jax.grad(functools.partial(loss, ours), argnums=(0, 1)))(variables, x)
+    expected_grads = jax.grad(functools.partial(loss, reference), argnums=(0, 1))(variables, x)
+    chex.assert_trees_all_close(grads, expected_grads, rtol=1e-5, atol=1e-5)
+    assert grads[0]["params"]["kernel"].shape == (7, 7, channels, features)
+    # Only a 3-channel image gets the zero channel: a [2, H, W, 4] array in the program.
+    padded = f"f32[2,{hw[0]},{hw[1]},4]"
+    expect_padded = channels == 3 and features < 64
+    assert (padded in str(jax.make_jaxpr(ours.apply)(variables, x))) == expect_padded
+    # The ResNet's stem uses it.
+    resnet = ResNet(depth=18, width=features)
+    resnet_vars = resnet.init(KEY, x[..., :3], train=False)
+    resnet_jaxpr = jax.make_jaxpr(functools.partial(resnet.apply, train=False))
+    assert (padded in str(resnet_jaxpr(resnet_vars, x[..., :3]))) == (features < 64)
+
+
+@pytest.mark.parametrize(
     "window, strides, padding, hw",
     [
         ((3, 3), (2, 2), ((1, 1), (1, 1)), (9, 8)),  # ResNet's stem, odd and even sizes
         ((3, 3), (2, 2), ((1, 1), (1, 1)), (8, 8)),
         ((2, 2), (2, 2), ((0, 0), (0, 0)), (8, 6)),  # VGG-16
+        ((2, 2), (2, 2), ((0, 0), (0, 0)), (9, 7)),  # a last row and column no window reads
+        ((3, 3), (1, 1), ((1, 1), (1, 1)), (6, 5)),  # stride 1
+        ((3, 2), (2, 3), ((1, 1), (1, 1)), (9, 10)),  # uneven window and strides
     ],
 )
 def test_max_pool_gradient_goes_to_the_first_maximum(window, strides, padding, hw):

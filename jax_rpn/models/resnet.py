@@ -40,9 +40,11 @@ def conv(
     dtype: Any,
     name: str,
     kernel_init=KAIMING_FAN_OUT,
+    conv_general_dilated=None,
 ) -> nn.Conv:
     """A ``kernel x kernel`` convolution with torchvision's symmetric ``kernel // 2`` padding;
-    a 1x1 one runs as a matmul (``conv_1x1_as_matmul``)."""
+    a 1x1 one runs as a matmul (``conv_1x1_as_matmul``). ``conv_general_dilated`` replaces
+    that default (the stem's ``conv_rgb_padded``)."""
     pad = kernel // 2
     return nn.Conv(
         features,
@@ -53,7 +55,7 @@ def conv(
         kernel_init=kernel_init,
         dtype=dtype,
         param_dtype=jnp.float32,
-        conv_general_dilated=conv_1x1_as_matmul,
+        conv_general_dilated=conv_general_dilated or conv_1x1_as_matmul,
         name=name,
     )
 
@@ -80,10 +82,50 @@ def conv_1x1_as_matmul(lhs, rhs, window_strides, padding, **kwargs) -> jax.Array
     ):
         sy, sx = window_strides
         x = lhs[:, ::sy, ::sx]  # [B, H / s, W / s, C]
-        return lax.dot_general(
-            x, rhs[0, 0], (((3,), (0,)), ((), ())), precision=kwargs.get("precision")
+        # As a 2-D matmul: XLA's kernel gradient of a dot over [B, H, W] rows is 1.5x to 5x
+        # slower than over [B * H * W] rows (benchmarks/README.md).
+        y = lax.dot_general(
+            x.reshape(-1, x.shape[-1]),  # [B * H / s * W / s, C]
+            rhs[0, 0],
+            (((1,), (0,)), ((), ())),
+            precision=kwargs.get("precision"),
         )
+        return y.reshape(*x.shape[:-1], y.shape[-1])  # [B, H / s, W / s, O]
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+
+
+def conv_rgb_padded(lhs, rhs, window_strides, padding, **kwargs) -> jax.Array:
+    """``lax.conv_general_dilated`` for a narrow stem: when a 3-channel image meets fewer than
+    64 output channels, the forward pass gives the image a fourth, zero channel (and the kernel
+    a zero input row), the same numbers. XLA's CPU convolution (YNNPACK) takes a slow path for
+    the 7x7 stride-2 stem with 3 input channels and 24 or 32 outputs, 4x slower than with 4
+    input channels; with 64 outputs (the standard ResNets) the 3 channels are faster
+    (``benchmarks/README.md``). The gradients are the unpadded convolution's."""
+
+    def convolve(x, w):
+        return lax.conv_general_dilated(x, w, window_strides, padding, **kwargs)
+
+    spec = kwargs["dimension_numbers"]
+    lhs_in, rhs_in = spec.lhs_spec[1], spec.rhs_spec[1]  # the input-channel dimensions
+    narrow = rhs.shape[spec.rhs_spec[0]] < 64
+    if lhs.shape[lhs_in] != 3 or not narrow or kwargs.get("feature_group_count", 1) != 1:
+        return convolve(lhs, rhs)
+
+    def one_more(a, dim):
+        return jnp.pad(a, [(0, int(d == dim)) for d in range(a.ndim)])
+
+    @jax.custom_vjp
+    def padded(x, w):
+        return convolve(one_more(x, lhs_in), one_more(w, rhs_in))  # 4 input channels
+
+    def padded_fwd(x, w):
+        return padded(x, w), (x, w)
+
+    def padded_bwd(residuals, g):
+        return jax.vjp(convolve, *residuals)[1](g)
+
+    padded.defvjp(padded_fwd, padded_bwd)
+    return padded(lhs, rhs)
 
 
 def stage_of(name: str) -> int:
@@ -192,9 +234,15 @@ class ResNet(nn.Module):
         self._check()
         kind, blocks = STAGES[self.depth]
         bias = self.norm == "none"
-        x = conv(self.width, 7, 2, use_bias=bias, dtype=self.dtype, name="conv1")(
-            x.astype(self.dtype)
-        )
+        x = conv(
+            self.width,
+            7,
+            2,
+            use_bias=bias,
+            dtype=self.dtype,
+            name="conv1",
+            conv_general_dilated=conv_rgb_padded,
+        )(x.astype(self.dtype))
         x = make_norm(
             self.norm,
             self.width,
