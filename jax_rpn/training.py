@@ -170,16 +170,14 @@ def make_train_step(config, model, tx, schedule, *, with_proposals: bool = False
                     params,
                 )
             variables = {"params": params, **state.model_state}
-            extra = {}
-            if stage2_at is not None:
-                extra["stage2_at"] = lambda refined: stage2_at(refined, batch, keys)
+            at = None if stage2_at is None else functools.partial(stage2_at, batch=batch, key=keys)
             outputs, new_model_state = model.apply(
                 variables,
                 batch["image"],
                 train=True,
                 image_hw=batch["image_hw"],
+                stage2_at=at,
                 mutable=mutable,
-                **extra,
             )
             loss, metrics = objective(outputs, batch, keys)
             return loss, (metrics, new_model_state, outputs)
